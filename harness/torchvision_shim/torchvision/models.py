@@ -1,0 +1,5 @@
+from ._stub import unavailable
+
+
+def __getattr__(name):
+    return unavailable(f"models.{name}")

@@ -1,0 +1,1 @@
+"""Mix-of-Show math with no ComfyUI import: formats, fusion, regions, training."""
