@@ -1,0 +1,42 @@
+"""Seeded random ED-LoRAs shaped for a given model (pure torch + the plugin's core)."""
+import torch
+
+from ..mixofshow_core import sd15
+from ..mixofshow_core.edlora_format import EDLoRA, LoRALayer
+
+
+def random_edlora(words, unet_shapes, text_shapes, rank=4, seed=0, name="random.safetensors",
+                  lora_scale=0.5, embedding_scale=0.02, conv_layers=()):
+    """An ED-LoRA with distinct per-layer rows for every word and LoRA on the trained layers.
+
+    unet_shapes / text_shapes: module path -> (out, in) weight shape of the target model;
+    LoRA goes on the attention linears ED-LoRA trains (plus `conv_layers` as 1x1 convs)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator)
+
+    def layer(shape, conv=False):
+        out_dim, in_dim = shape[:2]
+        down, up = randn(rank, in_dim) / in_dim ** 0.5, randn(out_dim, rank) * lora_scale / rank ** 0.5
+        if conv:
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        return LoRALayer(down, up)
+
+    embeddings = {w: randn(sd15.NUM_CROSS_ATTN_LAYERS, sd15.TEXT_DIM) * embedding_scale for w in words}
+    trained = set(sd15.unet_lora_layers()) - {f"{b}.{x}" for b in sd15.CROSS_ATTN_BLOCKS
+                                              for x in sd15.TRANSFORMER_EXTRA_LAYERS}
+    unet = {p: layer(s) for p, s in unet_shapes.items() if p in trained}
+    unet.update({p: layer(unet_shapes[p], conv=True) for p in conv_layers})
+    text_trained = {p for p in sd15.text_lora_layers() if ".self_attn." in p}
+    text = {p: layer(s) for p, s in text_shapes.items() if p in text_trained}
+    return EDLoRA(embeddings, unet, text, name)
+
+
+def model_lora_shapes(model, clip):
+    """(unet_shapes, text_shapes) of a ComfyUI MODEL and CLIP in ED-LoRA module names."""
+    from ..nodes.model_keys import clip_weight_keys, unet_weight_keys, weight_shapes
+    unet_state, clip_state = weight_shapes(model), weight_shapes(clip.patcher)
+    unet = {p: unet_state[k] for p, k in unet_weight_keys(model).items() if k in unet_state}
+    text = {p: clip_state[k] for p, k in clip_weight_keys(clip).items() if k in clip_state}
+    return unet, text

@@ -1,0 +1,311 @@
+"""ED-LoRA files: the original Mix-of-Show `.pth` layout and our `.safetensors` format.
+
+Original `.pth` (notes §2.1), optionally wrapped in {'params': ...}:
+    new_concept_embedding: {word: [16, 768]}        row l feeds cross-attention layer l
+    text_encoder: {'<HF path>.lora_down.weight': [r, in], '<HF path>.lora_up.weight': [out, r]}
+    unet:         {'<diffusers path>.lora_down.weight': ..., '.lora_up.weight': ...}
+  research-branch files use '<path>_lora.down.weight' / '<path>_lora.up.weight'.
+  ΔW = α · up @ down, with no division by rank.
+
+Our `.safetensors` format (version 1) uses kohya-style LoRA keys, so ComfyUI's stock
+LoraLoader can also read its LoRA part:
+    lora_unet_<diffusers path, '.'→'_'>.lora_down.weight / .lora_up.weight / .alpha
+    lora_te_<HF path, '.'→'_'>.lora_down.weight / .lora_up.weight / .alpha
+    edlora_embedding.<word>: [16, 768]
+  `.alpha` holds the rank, so the kohya scale alpha/rank is 1 and ΔW = α · up @ down as in
+  the original. Metadata (all strings): mixofshow.format="edlora", mixofshow.format_version,
+  mixofshow.concept_words (JSON list, in order), mixofshow.num_layers, mixofshow.rank,
+  mixofshow.text_dim, mixofshow.base_family="sd15", and mixofshow.source_key_style /
+  mixofshow.source_wrapped, which let a converted `.pth` be written back exactly as it was.
+"""
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from . import sd15
+from .safe_io import UnreadableFileError, read_safetensors, read_torch_weights, save_safetensors, save_torch
+
+FORMAT_VERSION = 1
+BASE_FAMILY = "sd15"
+EMBEDDING_PREFIX = "edlora_embedding."
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KEY_STYLES = {"main": (".lora_down.weight", ".lora_up.weight"),
+              "research": ("_lora.down.weight", "_lora.up.weight")}
+KNOWN_LAYERS = {"unet": frozenset(sd15.unet_lora_layers()),
+                "text_encoder": frozenset(sd15.text_lora_layers())}
+CONCEPT_WORD = re.compile(r"^<[\w\-.+]+>$")
+
+
+class EDLoRAFormatError(ValueError):
+    """A malformed or unsupported ED-LoRA file; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class LoRALayer:
+    """One low-rank update: down [r, in] (or [r, in, 1, 1]), up [out, r] (or [out, r, 1, 1])."""
+    down: torch.Tensor
+    up: torch.Tensor
+    scale: float = 1.0
+
+    @property
+    def rank(self):
+        return self.down.shape[0]
+
+    @property
+    def weight_shape(self):
+        """Shape of the weight this updates: [out, in] or [out, in, 1, 1]."""
+        return (self.up.shape[0], self.down.shape[1]) + tuple(self.down.shape[2:])
+
+    def delta(self, alpha=1.0, dtype=torch.float32):
+        """ΔW = α · scale · up @ down (no division by rank), shaped like the weight."""
+        up = self.up.reshape(self.up.shape[0], self.rank).to(dtype)
+        down = self.down.reshape(self.rank, -1).to(dtype)
+        return (alpha * self.scale * (up @ down)).reshape(self.weight_shape)
+
+
+@dataclass(frozen=True)
+class EDLoRA:
+    """One concept: per-layer embeddings for its words plus text-encoder and UNet LoRAs."""
+    embeddings: dict          # word -> [num_layers, text_dim], in concept order
+    unet: dict                # diffusers module path -> LoRALayer
+    text_encoder: dict        # HF module path (text_model.encoder...) -> LoRALayer
+    name: str = "edlora"
+    source: dict = field(default_factory=lambda: {"key_style": "main", "wrapped": True})
+
+    @property
+    def words(self):
+        return list(self.embeddings)
+
+    @property
+    def num_layers(self):
+        return next(iter(self.embeddings.values())).shape[0]
+
+    @property
+    def text_dim(self):
+        return next(iter(self.embeddings.values())).shape[1]
+
+    @property
+    def rank(self):
+        return max((layer.rank for layer in self.lora_layers()), default=0)
+
+    def lora_layers(self):
+        return list(self.unet.values()) + list(self.text_encoder.values())
+
+    def renamed(self, mapping):
+        """A copy whose words are renamed by `mapping` (old word -> new word)."""
+        embeddings = {mapping.get(w, w): e for w, e in self.embeddings.items()}
+        return EDLoRA(embeddings, self.unet, self.text_encoder, self.name, self.source)
+
+
+def load_edlora(path):
+    """Reads an ED-LoRA from `.safetensors` (ours) or `.pth`/`.pt` (original), validated."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise EDLoRAFormatError(f"{name}: file not found")
+    try:
+        if path.endswith(".safetensors"):
+            edlora = _from_safetensors(*read_safetensors(path), name)
+        else:
+            edlora = _from_original(read_torch_weights(path), name)
+    except UnreadableFileError as e:
+        raise EDLoRAFormatError(str(e)) from e
+    validate(edlora)
+    return edlora
+
+
+def save_edlora(edlora, path):
+    """Writes our `.safetensors` format atomically."""
+    validate(edlora)
+    tensors = {EMBEDDING_PREFIX + w: e.float() for w, e in edlora.embeddings.items()}
+    for part, layers in (("unet", edlora.unet), ("text_encoder", edlora.text_encoder)):
+        for path_, layer in layers.items():
+            key = KOHYA_PREFIXES[part] + path_.replace(".", "_")
+            tensors[key + ".lora_down.weight"] = layer.down
+            tensors[key + ".lora_up.weight"] = layer.up
+            tensors[key + ".alpha"] = torch.tensor(float(layer.rank * layer.scale))
+    metadata = {
+        "mixofshow.format": "edlora",
+        "mixofshow.format_version": str(FORMAT_VERSION),
+        "mixofshow.concept_words": json.dumps(edlora.words),
+        "mixofshow.num_layers": str(edlora.num_layers),
+        "mixofshow.rank": str(edlora.rank),
+        "mixofshow.text_dim": str(edlora.text_dim),
+        "mixofshow.base_family": BASE_FAMILY,
+        "mixofshow.source_key_style": edlora.source.get("key_style", "main"),
+        "mixofshow.source_wrapped": json.dumps(bool(edlora.source.get("wrapped", True))),
+    }
+    save_safetensors(tensors, path, metadata)
+
+
+def save_edlora_original(edlora, path):
+    """Writes the original `.pth` layout (key style and wrapper as the source had them)."""
+    validate(edlora)
+    save_torch(to_original_dict(edlora), path)
+
+
+def to_original_dict(edlora):
+    down_suffix, up_suffix = KEY_STYLES[edlora.source.get("key_style", "main")]
+    params = {"new_concept_embedding": {w: e.float().clone() for w, e in edlora.embeddings.items()}}
+    for part, layers in (("text_encoder", edlora.text_encoder), ("unet", edlora.unet)):
+        params[part] = {}
+        for path_, layer in layers.items():
+            params[part][path_ + down_suffix] = layer.down.clone()
+            params[part][path_ + up_suffix] = (layer.up * layer.scale).clone()  # the original has no scale
+    return {"params": params} if edlora.source.get("wrapped", True) else params
+
+
+def validate(edlora):
+    """Structural checks that hold for any SD1.5 ED-LoRA, independent of the target model."""
+    name = edlora.name
+    if not edlora.embeddings:
+        raise EDLoRAFormatError(f"{name}: no concept embeddings (new_concept_embedding is empty)")
+    for word, emb in edlora.embeddings.items():
+        if not CONCEPT_WORD.match(word):
+            raise EDLoRAFormatError(f"{name}: concept word {word!r} must look like <name> (letters, digits, _ - . + only)")
+        expected = (sd15.NUM_CROSS_ATTN_LAYERS, sd15.TEXT_DIM)
+        if tuple(emb.shape) != expected:
+            raise EDLoRAFormatError(
+                f"{name}: embedding of {word} is {list(emb.shape)}, expected {list(expected)} "
+                f"(one 768-wide row per SD1.5 cross-attention layer); not an SD1.5 ED-LoRA")
+        if not torch.isfinite(emb).all():
+            raise EDLoRAFormatError(f"{name}: embedding of {word} contains NaN or inf")
+    for part, layers in (("unet", edlora.unet), ("text_encoder", edlora.text_encoder)):
+        for path_, layer in layers.items():
+            _validate_layer(name, part, path_, layer)
+
+
+def _validate_layer(name, part, path_, layer):
+    where = f"{name}: {part} layer {path_}"
+    if path_ not in KNOWN_LAYERS[part]:
+        raise EDLoRAFormatError(f"{name}: unknown {part} LoRA key {path_!r} (not an SD1.5 attention, "
+                                f"projection or MLP layer)")
+    down, up = layer.down, layer.up
+    if down.dim() not in (2, 4) or up.dim() != down.dim():
+        raise EDLoRAFormatError(f"{where}: lora_down {list(down.shape)} / lora_up {list(up.shape)} "
+                                f"must both be 2-D (linear) or both 4-D 1x1 (conv)")
+    if down.dim() == 4 and (tuple(down.shape[2:]) != (1, 1) or tuple(up.shape[2:]) != (1, 1)):
+        raise EDLoRAFormatError(f"{where}: only 1x1 conv LoRAs are supported, got {list(down.shape)}")
+    if up.shape[1] != down.shape[0]:
+        raise EDLoRAFormatError(f"{where}: rank mismatch, lora_down has {down.shape[0]} rows but "
+                                f"lora_up has {up.shape[1]} columns")
+    if not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+        raise EDLoRAFormatError(f"{where}: contains NaN or inf")
+
+
+def _tensor(name, where, value):
+    if not isinstance(value, torch.Tensor):
+        raise EDLoRAFormatError(f"{name}: {where} holds a {type(value).__name__}, not a tensor")
+    return value.detach().to("cpu")
+
+
+def _from_original(obj, name):
+    if not isinstance(obj, dict):
+        raise EDLoRAFormatError(f"{name}: expected a dict of tensors, found {type(obj).__name__}")
+    wrapped = "params" in obj
+    params = obj["params"] if wrapped else obj
+    if wrapped and len(obj) != 1:
+        raise EDLoRAFormatError(f"{name}: unexpected top-level keys {sorted(set(obj) - {'params'})}")
+    if not isinstance(params, dict):
+        raise EDLoRAFormatError(f"{name}: 'params' is a {type(params).__name__}, not a dict")
+    unknown = set(params) - {"new_concept_embedding", "text_encoder", "unet"}
+    if unknown:
+        raise EDLoRAFormatError(f"{name}: unknown sections {sorted(unknown)}; expected "
+                                f"new_concept_embedding, text_encoder, unet")
+    sections = {}
+    for section in ("new_concept_embedding", "text_encoder", "unet"):
+        value = params.get(section, {})
+        if not isinstance(value, dict):
+            raise EDLoRAFormatError(f"{name}: section {section} is a {type(value).__name__}, not a dict")
+        sections[section] = {k: _tensor(name, f"{section}[{k!r}]", v) for k, v in value.items()}
+    key_style = _key_style(name, {**sections["text_encoder"], **sections["unet"]})
+    layers = {part: _pair_layers(name, part, sections[part], KEY_STYLES[key_style])
+              for part in ("unet", "text_encoder")}
+    return EDLoRA(sections["new_concept_embedding"], layers["unet"], layers["text_encoder"], name,
+                  {"key_style": key_style, "wrapped": wrapped})
+
+
+def _key_style(name, tensors):
+    styles = {style for style, (down, up) in KEY_STYLES.items()
+              for key in tensors if key.endswith(down) or key.endswith(up)}
+    if len(styles) > 1:
+        raise EDLoRAFormatError(f"{name}: mixes '.lora_down.weight' and '_lora.down.weight' keys")
+    return styles.pop() if styles else "main"
+
+
+def _pair_layers(name, part, tensors, suffixes):
+    down_suffix, up_suffix = suffixes
+    downs, ups = {}, {}
+    for key, value in tensors.items():
+        if key.endswith(down_suffix):
+            downs[key[:-len(down_suffix)]] = value
+        elif key.endswith(up_suffix):
+            ups[key[:-len(up_suffix)]] = value
+        else:
+            raise EDLoRAFormatError(f"{name}: unknown {part} key {key!r} (expected *{down_suffix} or *{up_suffix})")
+    missing = set(downs) ^ set(ups)
+    if missing:
+        raise EDLoRAFormatError(f"{name}: {part} layer {sorted(missing)[0]} has only one of lora_down/lora_up")
+    return {path_: LoRALayer(downs[path_], ups[path_]) for path_ in downs}
+
+
+def _kohya_names(part):
+    return {KOHYA_PREFIXES[part] + p.replace(".", "_"): p for p in KNOWN_LAYERS[part]}
+
+
+def _from_safetensors(tensors, metadata, name):
+    if metadata.get("mixofshow.format") != "edlora":
+        raise EDLoRAFormatError(f"{name}: not a Mix-of-Show ED-LoRA (no mixofshow.format=edlora metadata); "
+                                f"a plain LoRA belongs in ComfyUI's LoraLoader")
+    version = metadata.get("mixofshow.format_version", "?")
+    if version != str(FORMAT_VERSION):
+        raise EDLoRAFormatError(f"{name}: format version {version} is not supported (this plugin reads {FORMAT_VERSION})")
+    family = metadata.get("mixofshow.base_family")
+    if family != BASE_FAMILY:
+        raise EDLoRAFormatError(f"{name}: made for base model family {family!r}; this plugin supports {BASE_FAMILY}")
+    words = _metadata_words(name, metadata)
+    embeddings = {}
+    for word in words:
+        key = EMBEDDING_PREFIX + word
+        if key not in tensors:
+            raise EDLoRAFormatError(f"{name}: metadata lists {word} but the file has no tensor {key}")
+        embeddings[word] = tensors.pop(key)
+    extra = [k for k in tensors if k.startswith(EMBEDDING_PREFIX)]
+    if extra:
+        raise EDLoRAFormatError(f"{name}: embedding {extra[0]} is not listed in mixofshow.concept_words")
+    layers = {part: _kohya_layers(name, part, tensors) for part in ("unet", "text_encoder")}
+    if tensors:
+        raise EDLoRAFormatError(f"{name}: unknown key {sorted(tensors)[0]!r}")
+    source = {"key_style": metadata.get("mixofshow.source_key_style", "main"),
+              "wrapped": metadata.get("mixofshow.source_wrapped", "true") == "true"}
+    if source["key_style"] not in KEY_STYLES:
+        raise EDLoRAFormatError(f"{name}: unknown mixofshow.source_key_style {source['key_style']!r}")
+    return EDLoRA(embeddings, layers["unet"], layers["text_encoder"], name, source)
+
+
+def _metadata_words(name, metadata):
+    try:
+        words = json.loads(metadata.get("mixofshow.concept_words", ""))
+    except json.JSONDecodeError as e:
+        raise EDLoRAFormatError(f"{name}: mixofshow.concept_words is not a JSON list ({e})") from e
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise EDLoRAFormatError(f"{name}: mixofshow.concept_words must be a JSON list of words")
+    return words
+
+
+def _kohya_layers(name, part, tensors):
+    """Takes this part's kohya keys out of `tensors` and pairs them into LoRALayers."""
+    layers = {}
+    for kohya, path_ in _kohya_names(part).items():
+        down = tensors.pop(kohya + ".lora_down.weight", None)
+        up = tensors.pop(kohya + ".lora_up.weight", None)
+        alpha = tensors.pop(kohya + ".alpha", None)
+        if down is None and up is None:
+            continue
+        if down is None or up is None:
+            raise EDLoRAFormatError(f"{name}: {part} layer {path_} has only one of lora_down/lora_up")
+        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+        layers[path_] = LoRALayer(down, up, scale)
+    return layers

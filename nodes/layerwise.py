@@ -1,0 +1,111 @@
+"""Routes one text encoding per cross-attention layer through any stock sampler.
+
+The 16 per-layer encodings ride in the conditioning as model_conds[CONTEXT_KEY], a
+[B, 16, T, 768] stack that ComfyUI batches and repeats like any model cond. A model
+function wrapper moves the batched stack into transformer_options, and an attn2 patch
+hands cross-attention layer `transformer_index` its own slice (comfyui.md §3.4, mechanism A).
+
+A stack whose layers differ reaches the UNet wrapped in LayerwiseStack. Without the
+wrapper, ComfyUI's apply_model probes every extra cond's `.dtype`, and LayerwiseStack
+answers that probe with a clear error instead of letting the layer-wise part be dropped.
+"""
+import math
+
+import torch
+
+from .compat import Cond
+
+CONTEXT_KEY = "edlora_ctx"
+
+
+class UnroutedConditioningError(RuntimeError):
+    """Layer-wise conditioning reached a MODEL without the ED-LoRA routing patch."""
+
+
+class LayerwiseStack:
+    """A batched stack whose layers differ; only the routing wrapper may unwrap it."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    @property
+    def dtype(self):
+        raise UnroutedConditioningError(
+            "layer-wise ED-LoRA conditioning reached a MODEL that cannot route it: connect the MODEL "
+            "output of 'EDLoRA Loader' (or another Mix-of-Show node) to the sampler, and keep it after "
+            "any other model patch that replaces the model function wrapper")
+
+
+class LayerwiseContext(Cond):
+    """model_conds entry holding [B, L, T, D] per-layer contexts."""
+
+    def can_concat(self, other):
+        a, b = self.cond.shape, other.cond.shape
+        if a[:2] != b[:2] or a[3] != b[3]:
+            return False
+        return math.lcm(a[2], b[2]) // min(a[2], b[2]) <= 4  # the host's CONDCrossAttn rule
+
+    def concat(self, others):
+        conds = [self.cond] + [o.cond for o in others]
+        tokens = math.lcm(*(c.shape[2] for c in conds))
+        # repeating a context along the token axis leaves attention unchanged
+        stack = torch.cat([c.repeat(1, 1, tokens // c.shape[2], 1) for c in conds])
+        return stack if is_uniform(stack) else LayerwiseStack(stack)
+
+
+def is_uniform(stack):
+    return bool((stack == stack[:, :1]).all())
+
+
+def context_cond(stack):
+    return LayerwiseContext(stack)
+
+
+class LayerwiseRouter:
+    """model_function_wrapper: moves the stack from the cond dict into transformer_options."""
+
+    def __init__(self, previous=None):
+        self.previous = previous
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, apply_model, args):
+        c = dict(args["c"])
+        stack = c.pop(CONTEXT_KEY, None)
+        if stack is not None:
+            options = dict(c.get("transformer_options", {}))
+            options[CONTEXT_KEY] = stack.tensor if isinstance(stack, LayerwiseStack) else stack
+            c["transformer_options"] = options
+        if self.previous is not None:
+            return self.previous(apply_model, {**args, "c": c})
+        return apply_model(args["input"], args["timestep"], **c)
+
+
+def select_layer_context(n, context, value, extra_options):
+    """attn2_patch: cross-attention layer `transformer_index` attends to its own encoding."""
+    stack = extra_options.get(CONTEXT_KEY)
+    if stack is None:
+        return n, context, value
+    index = extra_options["transformer_index"]
+    if index >= stack.shape[1]:
+        raise UnroutedConditioningError(
+            f"model: cross-attention layer {index} has no text encoding (the conditioning holds "
+            f"{stack.shape[1]} layers); layer-wise conditioning needs an SD1.5 model")
+    if stack.shape[0] != n.shape[0]:
+        raise UnroutedConditioningError(
+            f"conditioning: layer-wise context batch {stack.shape[0]} does not match the latent batch {n.shape[0]}")
+    layer = stack[:, index].to(device=n.device, dtype=n.dtype)
+    return n, layer, layer
+
+
+def install_routing(model):
+    """Adds the wrapper and attn2 patch to a cloned MODEL once (idempotent)."""
+    options = model.model_options
+    wrapper = options.get("model_function_wrapper")
+    if not isinstance(wrapper, LayerwiseRouter):
+        model.set_model_unet_function_wrapper(LayerwiseRouter(wrapper))
+    patches = options["transformer_options"].get("patches", {}).get("attn2_patch", [])
+    if select_layer_context not in patches:
+        model.set_model_attn2_patch(select_layer_context)
+    return model
