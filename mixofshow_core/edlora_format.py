@@ -245,6 +245,10 @@ def _pair_layers(name, part, tensors, suffixes):
             ups[key[:-len(up_suffix)]] = value
         else:
             raise EDLoRAFormatError(f"{name}: unknown {part} key {key!r} (expected *{down_suffix} or *{up_suffix})")
+    unknown = sorted((set(downs) | set(ups)) - KNOWN_LAYERS[part])
+    if unknown:
+        raise EDLoRAFormatError(f"{name}: unknown {part} LoRA key {unknown[0]!r} (not an SD1.5 attention, "
+                                f"projection or MLP layer)")
     missing = set(downs) ^ set(ups)
     if missing:
         raise EDLoRAFormatError(f"{name}: {part} layer {sorted(missing)[0]} has only one of lora_down/lora_up")
