@@ -115,3 +115,20 @@ def write_checkpoint(path, seed=0):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(checkpoint_state(seed), path)
     return path
+
+
+def t2i_adapter_state(seed=3, channel=32, image_channels=3):
+    """A seeded T2I-Adapter (keypose style for image_channels 3, sketch for 1) whose feature
+    widths [c, 2c, 4c, 4c] match a UNet with model_channels c and channel_mult [1, 2, 4, 4]."""
+    import comfy.t2i_adapter.adapter
+    adapter = comfy.t2i_adapter.adapter.Adapter(cin=image_channels * 64, channels=[channel, channel * 2, channel * 4, channel * 4],
+                                                nums_rb=2, ksize=1, sk=True, use_conv=False, xl=False)
+    return seeded_state(adapter.state_dict(), seed)
+
+
+def write_t2i_adapter(path, seed=3, channel=32, image_channels=3):
+    """Writes a T2I-Adapter file that ComfyUI's ControlNetLoader loads (comfy.controlnet.load_controlnet)."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(t2i_adapter_state(seed, channel, image_channels), path)
+    return path

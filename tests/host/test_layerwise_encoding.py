@@ -137,3 +137,26 @@ def test_unknown_concept_word_is_reported(patched):
     _, patched_clip = patched
     with pytest.raises(ValueError, match="unknown concept word <b1>; known words: <a1>, <a2>"):
         encode_layerwise(patched_clip, "<b1> on a beach")
+
+
+def test_t2i_adapter_applied_with_stock_node_keeps_layerwise_routing(tmp_path, model, clip, concept, patched):
+    import comfy.controlnet
+    from comfyui_mixofshow.harness.models import write_t2i_adapter
+    patched_model, patched_clip = patched
+    adapter = comfy.controlnet.load_controlnet(write_t2i_adapter(str(tmp_path / "keypose.safetensors")))
+    pose = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(4))
+    positive = encode_layerwise(patched_clip, PROMPT)
+    controlled = comfy_nodes.ControlNetApply().apply_controlnet(positive, adapter, pose, 1.0)[0]
+    seen = {}
+    layers = reference.cross_attention_modules(patched_model.model.diffusion_model)
+    handles = [m.to_k.register_forward_pre_hook(lambda mod, args, i=i: seen.setdefault(i, args[0].clone()))
+               for i, m in enumerate(layers)]
+    try:
+        with_control = denoise_once(patched_model, controlled, controlled, 1.0)[1]
+    finally:
+        for h in handles:
+            h.remove()
+    without_control = denoise_once(patched_model, positive, positive, 1.0)[1]
+    expected = reference_contexts(clip, concept)
+    assert all(torch.allclose(seen[i], expected[i], atol=2e-4, rtol=1e-4) for i in range(16))
+    assert (with_control - without_control).abs().max() > 1e-3
