@@ -4,8 +4,11 @@ The rest of the plugin imports host APIs that behave the same in both; anything 
 differs is wrapped here (comfyui.md §8.2).
 """
 import comfy.conds
+import comfy.ldm.modules.attention
 import comfy.model_patcher
 import comfy.utils
+
+from ..mixofshow_core.regions import token_grid
 
 IS_CURRENT_HOST = hasattr(comfy.model_patcher.ModelPatcher, "add_wrapper_with_key")
 
@@ -23,3 +26,23 @@ class Cond(comfy.conds.CONDRegular):
 
     def size(self):
         return list(self.cond.size())
+
+
+def cross_attention(q, k, v, heads, extra_options):
+    """The host's attention kernel on projected [B, N, heads*dim_head] tensors, as its own
+    attn2 would call it: the current host also passes the layer's precision and options
+    (which may hold an attention override)."""
+    kernel = comfy.ldm.modules.attention.optimized_attention
+    if IS_CURRENT_HOST:
+        return kernel(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                      transformer_options=extra_options)
+    return kernel(q, k, v, heads)
+
+
+def layer_grid(extra_options, num_tokens):
+    """(h, w) token grid of the current cross-attention layer: the current host reports the
+    activations' shape, the old one is derived from the latent size and the token count."""
+    shape = extra_options.get("activations_shape")
+    if shape is not None:
+        return tuple(int(s) for s in shape[2:])
+    return token_grid(extra_options["original_shape"][2:], num_tokens)

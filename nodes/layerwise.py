@@ -61,8 +61,23 @@ def context_cond(stack):
     return LayerwiseContext(stack)
 
 
+def _route_stack(stack, c):
+    return stack.tensor if isinstance(stack, LayerwiseStack) else stack
+
+
+# Side channels the router moves from the cond dict into transformer_options:
+# key -> route(value, c), which returns what the patches see and may adjust the other model
+# inputs in c (the regions scale c["control"]).
+ROUTES = {CONTEXT_KEY: _route_stack}
+
+
+def add_route(key, route):
+    ROUTES[key] = route
+
+
 class LayerwiseRouter:
-    """model_function_wrapper: moves the stack from the cond dict into transformer_options."""
+    """model_function_wrapper: moves every side channel in ROUTES from the cond dict into
+    transformer_options."""
 
     def __init__(self, previous=None):
         self.previous = previous
@@ -72,11 +87,9 @@ class LayerwiseRouter:
 
     def __call__(self, apply_model, args):
         c = dict(args["c"])
-        stack = c.pop(CONTEXT_KEY, None)
-        if stack is not None:
-            options = dict(c.get("transformer_options", {}))
-            options[CONTEXT_KEY] = stack.tensor if isinstance(stack, LayerwiseStack) else stack
-            c["transformer_options"] = options
+        routed = {key: route(c.pop(key), c) for key, route in ROUTES.items() if key in c}
+        if routed:
+            c["transformer_options"] = {**c.get("transformer_options", {}), **routed}
         if self.previous is not None:
             return self.previous(apply_model, {**args, "c": c})
         return apply_model(args["input"], args["timestep"], **c)
