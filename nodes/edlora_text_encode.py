@@ -32,6 +32,18 @@ def encode_plain(clip, text):
     return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
 
 
+def bound_copies(clip, text, layers):
+    """Token chunks of the prompt's copies `layers` (copy l binds row l of each concept word)."""
+    embeddings = concepts_of(clip).embedding_map()
+    stripped = replace_concept_words(text, embeddings.keys(), "")[0]
+    sentinel, sentinel_id = pick_sentinel(clip, stripped)
+    replaced, words = replace_concept_words(text, embeddings.keys(), sentinel)
+    tokens = clip.tokenize(replaced)
+    if count_token(tokens["l"], sentinel_id) != len(words):
+        raise ValueError(f"text: a concept word is glued to other characters; put spaces around {words[0]}")
+    return [bind_layer(tokens["l"], sentinel_id, words, embeddings, layer) for layer in layers], words
+
+
 def encode_layerwise(clip, text):
     """CONDITIONING whose model_conds carry a [1, 16, T, D] stack: copy l binds row l of every
     concept word (Mix-of-Show's bind_concept_prompt), all copies in one batched forward.
@@ -45,16 +57,10 @@ def encode_layerwise(clip, text):
         cond, pooled = encode_plain(clip, text)
         stack = cond.unsqueeze(1).expand(-1, sd15.NUM_CROSS_ATTN_LAYERS, -1, -1)
         return _conditioning(cond, pooled, stack if concepts.words else None)
-    embeddings = concepts.embedding_map()
-    stripped = replace_concept_words(text, embeddings.keys(), "")[0]
-    sentinel, sentinel_id = pick_sentinel(clip, stripped)
-    replaced, words = replace_concept_words(text, embeddings.keys(), sentinel)
-    tokens = clip.tokenize(replaced)
-    if count_token(tokens["l"], sentinel_id) != len(words):
-        raise ValueError(f"text: a concept word is glued to other characters; put spaces around {words[0]}")
-    layers, index_of = distinct_layers(embeddings, set(words), sd15.NUM_CROSS_ATTN_LAYERS)
-    chunks = [chunk for layer in layers for chunk in bind_layer(tokens["l"], sentinel_id, words, embeddings, layer)]
-    cond, pooled = clip.encode_from_tokens({"l": chunks}, return_pooled=True)
+    words = set(concept_words_in(text)) & set(concepts.words)
+    layers, index_of = distinct_layers(concepts.embedding_map(), words, sd15.NUM_CROSS_ATTN_LAYERS)
+    copies, _ = bound_copies(clip, text, layers)
+    cond, pooled = clip.encode_from_tokens({"l": [chunk for copy in copies for chunk in copy]}, return_pooled=True)
     per_layer = cond.reshape(cond.shape[0], len(layers), -1, cond.shape[-1])
     stack = per_layer[:, index_of]
     return _conditioning(stack[:, 0], pooled, stack)
