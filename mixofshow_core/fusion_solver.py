@@ -97,10 +97,11 @@ class GramAccumulator:
         self.add(conv_input_rows(x))
 
 
-def _gram_tensor(gram):
+def _gram_copy(gram):
+    """(float64 copy, rows): a copy, so an accumulator that keeps streaming leaves the stats intact."""
     if isinstance(gram, GramAccumulator):
-        return gram.gram, gram.rows
-    return gram.to(torch.float64), 0
+        return gram.gram.clone(), gram.rows
+    return gram.to(torch.float64, copy=True), 0
 
 
 @dataclass
@@ -123,7 +124,7 @@ class LayerStats:
     @classmethod
     def from_concept(cls, gram, delta):
         """Statistics of one concept: gram G_i (tensor or GramAccumulator), delta ΔW_i."""
-        gram, rows = _gram_tensor(gram)
+        gram, rows = _gram_copy(gram)
         delta = as_weight_matrix(delta).to(device=gram.device, dtype=torch.float64)
         _check_delta_shape(delta.shape, gram)
         rhs = delta @ gram
@@ -133,7 +134,7 @@ class LayerStats:
     def from_lora(cls, gram, up, down, scale=1.0):
         """Statistics of ΔW_i = scale·up·down without forming ΔW_i: R_i = scale·up (down G_i),
         c_i = scale² tr((upᵀup)(down G_i downᵀ)), O(r·d_in²) instead of O(d_out·d_in²)."""
-        gram, rows = _gram_tensor(gram)
+        gram, rows = _gram_copy(gram)
         up = as_weight_matrix(up).to(device=gram.device, dtype=torch.float64)
         down = as_weight_matrix(down).to(device=gram.device, dtype=torch.float64)
         if up.shape[1] != down.shape[0]:
@@ -161,7 +162,7 @@ class LayerStats:
 
     def to_tensors(self):
         """A flat dict of tensors (safetensors-storable) that from_tensors restores exactly."""
-        return {"gram": self.gram.contiguous(), "rhs": self.rhs.contiguous(),
+        return {"gram": self.gram.cpu().contiguous(), "rhs": self.rhs.cpu().contiguous(),
                 "energy": torch.tensor([self.energy], dtype=torch.float64),
                 "rows": torch.tensor([self.rows], dtype=torch.int64)}
 
@@ -193,7 +194,8 @@ def objective(stats, delta):
     """f(W0 + D) = c − 2 tr(D Rᵀ) + tr(D G Dᵀ), from the statistics alone (float)."""
     delta = as_weight_matrix(delta).to(device=stats.gram.device, dtype=torch.float64)
     _check_change_shape(stats, delta)
-    return stats.energy - 2.0 * float((delta * stats.rhs).sum()) + float(((delta @ stats.gram) * delta).sum())
+    value = stats.energy - 2.0 * float((delta * stats.rhs).sum()) + float(((delta @ stats.gram) * delta).sum())
+    return max(value, 0.0)   # a sum of squares; cancellation near an exact fit can dip below 0
 
 
 @dataclass

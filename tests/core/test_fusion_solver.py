@@ -75,6 +75,15 @@ def test_gram_accumulator_matches_explicit_gram_for_rows_and_conv():
     assert conv_input_rows(image).shape == (60, 8)
 
 
+def test_stats_do_not_change_when_the_accumulator_keeps_streaming():
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(21), dtype=F64)
+    acc = GramAccumulator(4)
+    acc.add(x)
+    stats = LayerStats.from_concept(acc, torch.eye(4, dtype=F64))
+    acc.add(x)
+    assert torch.allclose(stats.gram, x.T @ x, rtol=1e-12) and stats.rows == 6
+
+
 def test_stats_objective_equals_explicit_sum_of_squares():
     w0, xs, deltas = random_problem(12, 20, [9, 30, 5], seed=2)
     stats = stats_of(xs, deltas)
