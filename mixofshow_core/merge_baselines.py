@@ -90,16 +90,29 @@ def _gram_energy(change, gram):
     return ((change @ gram) * change).sum()
 
 
+def gram_factor(gram, rcond=1e-12):
+    """L [d_in, rank] with L Lᵀ = G (eigenvalues below rcond·λ_max dropped), so that
+    tr(E G Eᵀ) = ‖E L‖²: a rank-r Gram costs d_out·d_in·r per evaluation instead of d_out·d_in²."""
+    values, vectors = torch.linalg.eigh(gram.to(torch.float64))
+    keep = values > rcond * max(float(values.max()), 0.0)
+    return vectors[:, keep] * values[keep].sqrt()
+
+
 def merge_with_coefficients(deltas, coefficients):
     """ΔW_m = Σ_i ΔW_i diag(m_i); coefficients [N, d_in]."""
     return sum(delta * coefficient for delta, coefficient in zip(deltas, coefficients))
 
 
-def orthogonal_merge_terms(deltas, grams, coefficients):
-    """(reconstruction, overlap) terms of the orthogonal-merge loss (module docstring)."""
+def orthogonal_merge_terms(deltas, grams, coefficients, factors=None):
+    """(reconstruction, overlap) terms of the orthogonal-merge loss (module docstring);
+    `factors` (gram_factor of each Gram) make the reconstruction cheaper, same value."""
     merged = merge_with_coefficients(deltas, coefficients)
-    reconstruction = sum(_gram_energy(merged - delta, gram) / _gram_energy(delta, gram)
-                         for delta, gram in zip(deltas, grams))
+    if factors is None:
+        reconstruction = sum(_gram_energy(merged - delta, gram) / _gram_energy(delta, gram)
+                             for delta, gram in zip(deltas, grams))
+    else:
+        reconstruction = sum(((merged - delta) @ factor).square().sum() / (delta @ factor).square().sum()
+                             for delta, factor in zip(deltas, factors))
     unit = coefficients / coefficients.norm(dim=1, keepdim=True)
     cosines = unit @ unit.T
     overlap = cosines.triu(diagonal=1).abs().sum()
@@ -117,14 +130,14 @@ def orthogonal_merge(deltas, grams, steps=300, lr=1e-2, overlap_weight=0.01, see
                              f"delta {tuple(deltas[0].shape)}")
     device = deltas[0].device
     deltas64 = [delta.to(torch.float64) for delta in deltas]
-    grams64 = [gram.to(device=device, dtype=torch.float64) for gram in grams]
+    factors = [gram_factor(gram.to(device=device)) for gram in grams]
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(deltas), d_in, generator=generator, dtype=torch.float64)
     coefficients = (1.0 + init_noise * noise).to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([coefficients], lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
-        reconstruction, overlap = orthogonal_merge_terms(deltas64, grams64, coefficients)
+        reconstruction, overlap = orthogonal_merge_terms(deltas64, grams, coefficients, factors)
         (reconstruction + overlap_weight * overlap).backward()
         optimizer.step()
     coefficients = coefficients.detach()

@@ -141,3 +141,20 @@ def test_regularization_captions_are_shipped():
     assert len(set(captions)) == len(captions)
     assert all(caption == caption.strip() and caption for caption in captions)
     assert regularization_captions(limit=10) == captions[:10]
+
+
+def test_gram_factor_gives_the_same_reconstruction_for_rank_deficient_grams():
+    from comfyui_mixofshow.mixofshow_core.merge_baselines import gram_factor, orthogonal_merge_terms
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(5, 12, generator=g, dtype=torch.float64) for _ in range(2)]  # rank 5 < 12
+    grams = [x.T @ x for x in xs]
+    deltas = [torch.randn(4, 12, generator=g, dtype=torch.float64) for _ in range(2)]
+    coefficients = torch.rand(2, 12, generator=g, dtype=torch.float64)
+    factor = gram_factor(grams[0])
+    assert factor.shape == (12, 5)
+    plain = orthogonal_merge_terms(deltas, grams, coefficients)
+    factored = orthogonal_merge_terms(deltas, grams, coefficients, [gram_factor(gr) for gr in grams])
+    merged = sum(d * c for d, c in zip(deltas, coefficients))
+    explicit = sum((x @ (merged - d).T).square().sum() / (x @ d.T).square().sum() for x, d in zip(xs, deltas))
+    assert torch.allclose(plain[0], explicit) and torch.allclose(factored[0], explicit)
+    assert torch.equal(plain[1], factored[1])
