@@ -1,6 +1,7 @@
 """ComfyUI adapters for mixofshow_core: one capability per module."""
 from .edlora_loader import EDLoRALoader
 from .edlora_text_encode import EDLoRATextEncode
+from .edlora_train import EDLoRATrain
 from .region_prompt import RegionPrompt, RegionPromptImport
 from .regional_sampler import ApplyRegions, RegionalSampler
 
@@ -11,6 +12,7 @@ NODE_CLASS_MAPPINGS = {
     "MixOfShowRegionPromptImport": RegionPromptImport,
     "MixOfShowApplyRegions": ApplyRegions,
     "MixOfShowRegionalSampler": RegionalSampler,
+    "MixOfShowEDLoRATrain": EDLoRATrain,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "MixOfShowEDLoRALoader": "EDLoRA Loader",
@@ -19,4 +21,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MixOfShowRegionPromptImport": "Region Prompt Import",
     "MixOfShowApplyRegions": "Apply Regions",
     "MixOfShowRegionalSampler": "Regional Sampler",
+    "MixOfShowEDLoRATrain": "EDLoRA Train",
 }

@@ -32,9 +32,11 @@ def encode_plain(clip, text):
     return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
 
 
-def bound_copies(clip, text, layers):
-    """Token chunks of the prompt's copies `layers` (copy l binds row l of each concept word)."""
-    embeddings = concepts_of(clip).embedding_map()
+def bound_copies(clip, text, layers, embeddings=None):
+    """Token chunks of the prompt's copies `layers` (copy l binds row l of each concept word).
+
+    embeddings: word -> [16, D] tables; by default the concepts registered on the CLIP."""
+    embeddings = concepts_of(clip).embedding_map() if embeddings is None else embeddings
     stripped = replace_concept_words(text, embeddings.keys(), "")[0]
     sentinel, sentinel_id = pick_sentinel(clip, stripped)
     replaced, words = replace_concept_words(text, embeddings.keys(), sentinel)

@@ -1,0 +1,507 @@
+"""EDLoRA Train: Mix-of-Show single-client ED-LoRA training (notes §1) on the host's MODEL,
+CLIP and VAE.
+
+Node functions run inside torch.inference_mode() and the host's weights are inference
+tensors, which autograd may not keep for backward. Training therefore runs on private copies
+of the UNet and the text encoder, made with inference mode off from the loaded (patched)
+weights; the cached checkpoint's modules are never touched, and every hook on the copies is
+removed when training ends. Concept words are not added to the vocabulary: their [16, 768]
+tables are trained directly and spliced in by EDLoRA Text Encode's sentinel mechanism
+(bound_copies), and cross-attention layer l reads encoding l through the same attn2 patch
+as at inference.
+"""
+import copy
+import glob
+import hashlib
+import logging
+import os
+import re
+from contextlib import ExitStack, contextmanager
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sample
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+from comfy.ldm.modules.attention import SpatialTransformer
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
+from PIL import Image
+
+from ..mixofshow_core import sd15
+from ..mixofshow_core.edlora_format import CONCEPT_WORD, EDLoRA, LoRALayer, save_edlora, save_edlora_original
+from ..mixofshow_core.training.attention import AttentionProbe
+from ..mixofshow_core.training.dataset import load_dataset
+from ..mixofshow_core.training.diffusion import NoiseSchedule
+from ..mixofshow_core.training.embeddings import initial_table, parse_initializer
+from ..mixofshow_core.training.hooks import checkpointed, cloned_inputs
+from ..mixofshow_core.training.lora import attached, make_adapters
+from ..mixofshow_core.training.loop import (EDLoRATraining, TrainingConfig, TrainingModel, derived_seed,
+                                            run_training, steps_for_repeats)
+from ..mixofshow_core.training.plot import loss_curve
+from ..mixofshow_core.training.state import TrainingStateError, load_training_state, save_training_state
+from ..mixofshow_core.training.transforms import CAPTION_TEMPLATES, bind_placeholder, longest_template
+from .edlora_loader import apply_edlora
+from .edlora_text_encode import bound_copies, encode_layerwise, single_token_id
+from .layerwise import CONTEXT_KEY, select_layer_context
+from .model_keys import require_sd15, unet_weight_keys
+from .paths import EDLORA_FOLDER
+
+PREVIEW_ALPHAS = (0.0, 0.7, 1.0)
+PREVIEW_CFG = 7.5
+PRECISIONS = {"fp32": "no", "fp16 autocast": "fp16", "bf16 autocast": "bf16"}
+OUTPUT_NAME = re.compile(r"^[\w\-. ]+$")
+STATE_FOLDER = "edlora_training"
+LAYERS = sd15.NUM_CROSS_ATTN_LAYERS
+log = logging.getLogger("mixofshow")
+
+
+# ---- the host's modules as the training loop's callables -------------------------------
+
+def trainable_copy(module, device, dtype=None):
+    """A frozen private copy; made with inference mode off, its tensors are ordinary ones."""
+    duplicate = copy.deepcopy(module).to(device)
+    if dtype is not None:
+        duplicate.to(dtype)
+    return duplicate.requires_grad_(False)
+
+
+def _module_name(state_key):
+    return state_key[len("diffusion_model."):-len(".weight")]
+
+
+def unet_lora_targets(unet, model):
+    """{diffusers path: module}: attn1/attn2 to_q, to_k, to_v, to_out.0 of all 16 blocks."""
+    keys = unet_weight_keys(model)
+    return {path: unet.get_submodule(_module_name(keys[path]))
+            for block in sd15.CROSS_ATTN_BLOCKS for path in sd15.unet_attention_layers(block)}
+
+
+def text_lora_targets(transformer):
+    """{HF path: module}: q/k/v/out_proj of every text-encoder layer."""
+    paths = sd15.text_lora_layers(len(transformer.text_model.encoder.layers))
+    return {path: transformer.get_submodule(path) for path in paths if ".self_attn." in path}
+
+
+def cross_attention_layers(unet, model):
+    """[(to_q, to_k, heads)] of the 16 attn2 modules in layer order."""
+    keys = unet_weight_keys(model)
+    layers = []
+    for block in sd15.CROSS_ATTN_BLOCKS:
+        to_q = _module_name(keys[f"{block}.transformer_blocks.0.attn2.to_q"])
+        attention = unet.get_submodule(to_q.rsplit(".", 1)[0])
+        layers.append((attention.to_q, attention.to_k, attention.heads))
+    return layers
+
+
+def input_rows(chunk, token_table):
+    """[T, D] input embeddings of a bound token chunk: ids look up the table, tensors are used as given."""
+    ids = torch.tensor([t if isinstance(t, int) else 0 for t, *_ in chunk], device=token_table.device)
+    rows = token_table[ids]
+    spliced = [i for i, (t, *_) in enumerate(chunk) if not isinstance(t, int)]
+    if not spliced:
+        return rows
+    values = torch.stack([chunk[i][0] for i in spliced]).to(device=rows.device, dtype=rows.dtype)
+    return rows.index_put((torch.tensor(spliced, device=rows.device),), values)
+
+
+def text_encoder_forward(transformer, x):
+    """The host text model on input embeddings: causal encoder layers, then the final layer
+    norm (last_hidden_state, as SD1.5 and the original use)."""
+    length = x.shape[1]
+    causal = torch.full((length, length), float("-inf"), dtype=x.dtype, device=x.device).triu_(1)
+    hidden = transformer.text_model.encoder(x, mask=causal)[0]
+    return transformer.text_model.final_layer_norm(hidden)
+
+
+def encode_captions(clip, transformer, prompts, tables, words):
+    """(contexts [B, 16, 77, D], positions [B, len(words)]): copy l of each prompt binds row l of
+    every concept word, as EDLoRA Text Encode binds it."""
+    embeddings = transformer.text_model.embeddings
+    rows, positions = [], []
+    for prompt in prompts:
+        copies, order = bound_copies(clip, prompt, range(LAYERS), tables)
+        chunks = [chunks[0] for chunks in copies]
+        rows.extend(input_rows(chunk, embeddings.token_embedding.weight) for chunk in chunks)
+        spliced = [i for i, (t, *_) in enumerate(chunks[0]) if not isinstance(t, int)]
+        positions.append([spliced[order.index(word)] for word in words])
+    x = torch.stack(rows) + embeddings.position_embedding.weight
+    hidden = text_encoder_forward(transformer, x)
+    return hidden.reshape(len(prompts), LAYERS, *hidden.shape[1:]), torch.tensor(positions)
+
+
+def unet_forward(unet, x, timesteps, contexts):
+    """The copy's prediction with layer l attending to contexts[:, l] (the inference attn2 patch)."""
+    dtype = unet.input_blocks[0][0].weight.dtype
+    options = {"patches": {"attn2_patch": [select_layer_context]}, CONTEXT_KEY: contexts}
+    return unet(x.to(dtype), timesteps.float(), context=contexts[:, 0].to(dtype), transformer_options=options)
+
+
+def vae_encoder(vae, model, device):
+    def encode(images):
+        with torch.inference_mode():
+            latents = vae.encode(images.permute(0, 2, 3, 1).cpu())
+        return model.model.process_latent_in(latents).to(device)  # a normal tensor: made outside inference mode
+    return encode
+
+
+def noise_schedule(model):
+    sampling = model.model.model_sampling
+    if isinstance(sampling, comfy.model_sampling.EDM) or not isinstance(sampling, comfy.model_sampling.EPS):
+        raise ValueError(f"model: {type(sampling).__name__} sampling is not supported; EDLoRA Train trains "
+                         f"SD1.5 models with a discrete ε or v schedule")
+    prediction = "v" if isinstance(sampling, comfy.model_sampling.V_PREDICTION) else "eps"
+    return NoiseSchedule.from_sigmas(sampling.sigmas.detach().cpu(), prediction)
+
+
+@contextmanager
+def host_training(model, clip, vae, samples, config, tables, rank, gradient_checkpointing):
+    """An EDLoRATraining on private copies of the host's UNet and text encoder, with LoRA on
+    exactly the layers the original trains; all hooks are removed on exit."""
+    device = comfy.model_management.get_torch_device()
+    dtype = torch.float32 if config.mixed_precision == "no" else None
+    comfy.model_management.load_models_gpu([model])
+    unet = trainable_copy(model.model.diffusion_model, device, dtype)
+    clip.load_model()
+    text = trainable_copy(clip.cond_stage_model.clip_l.transformer, device, dtype)
+    comfy.model_management.unload_all_models()  # the copies are what trains; previews reload the originals
+    unet_targets, text_targets = unet_lora_targets(unet, model), text_lora_targets(text)
+    unet_adapters = make_adapters(unet_targets, rank, seed=derived_seed(config.seed, "lora", "unet"))
+    text_adapters = make_adapters(text_targets, rank, seed=derived_seed(config.seed, "lora", "text"))
+    probe = AttentionProbe(cross_attention_layers(unet, model)) if config.attn_reg_weight > 0 else None
+    callables = TrainingModel(
+        encode_images=vae_encoder(vae, model, device),
+        encode_text=lambda prompts, t: encode_captions(clip, text, prompts, t, config.words),
+        predict=lambda x, timesteps, contexts: unet_forward(unet, x, timesteps, contexts),
+        schedule=noise_schedule(model), probe=probe)
+    training = EDLoRATraining(config, samples, tables, text_adapters, unet_adapters, callables, device)
+    norms = [m for m in list(unet.modules()) + list(text.modules()) if isinstance(m, torch.nn.LayerNorm)]
+    blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
+    with ExitStack() as stack:
+        stack.enter_context(attached(unet_targets, unet_adapters))
+        stack.enter_context(attached(text_targets, text_adapters))
+        if probe is not None:
+            stack.enter_context(probe.attached())
+        # host blocks add into x in place after a norm kept x for backward: norms get copies
+        stack.enter_context(cloned_inputs(norms))
+        if gradient_checkpointing:
+            stack.enter_context(checkpointed(blocks + list(text.text_model.encoder.layers)))
+        yield training
+
+
+# ---- checks that run before any step -------------------------------------------------
+
+def check_names(output_name, placeholder, words):
+    if not OUTPUT_NAME.match(output_name or ""):
+        raise ValueError(f"output_name {output_name!r}: use letters, digits, spaces, '-', '_' or '.' only")
+    for word in words:
+        if not CONCEPT_WORD.match(word):
+            raise ValueError(f"concept word {word!r} must look like <name> (letters, digits, _ - . + only)")
+    if words[0] == words[1]:
+        raise ValueError(f"concept words: the two words must differ (both are {words[0]})")
+    if not placeholder.strip() or any(placeholder in w or w in placeholder for w in words):
+        raise ValueError(f"placeholder {placeholder!r}: must be non-empty and differ from the concept words")
+
+
+def check_clip(clip):
+    layer = getattr(clip, "layer_idx", None)
+    if layer not in (None, -1):
+        raise ValueError(f"clip: CLIP skip ({layer}) is set; ED-LoRA trains and encodes with the last "
+                         f"layer like the original, so remove 'CLIP Set Last Layer' before EDLoRA Train")
+
+
+def check_captions_fit(clip, samples, config):
+    """Every caption, wrapped in the longest template, must fit one 77-token window."""
+    tables = {w: torch.zeros(LAYERS, sd15.TEXT_DIM) for w in config.words}
+    template = longest_template(config.caption_template)
+    for sample in samples:
+        prompt = template.format(bind_placeholder(sample.caption, config.placeholder, config.words))
+        try:
+            copies, _ = bound_copies(clip, prompt, [0], tables)
+        except ValueError as e:
+            raise ValueError(f"{sample.name}: caption {sample.caption!r}: {e}") from e
+        if len(copies[0]) > 1:
+            raise ValueError(f"{sample.name}: caption is too long for the text encoder's 75 tokens once "
+                             f"wrapped in a '{config.caption_template}' template; shorten it")
+
+
+def initial_tables(clip, words, initializers, seed):
+    token_table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
+
+    def word_row(word):
+        token = single_token_id(clip, word)
+        if token is None:
+            raise ValueError(f"initializer {word!r}: not a single token of this CLIP's vocabulary; "
+                             f"pick a common word such as man, woman, dog")
+        return token_table[token].detach().float().cpu().clone()
+
+    for spec in initializers:
+        parse_initializer(spec)
+    return {w: initial_table(spec, LAYERS, sd15.TEXT_DIM, word_row, seed, w) for w, spec in zip(words, initializers)}
+
+
+# ---- files ---------------------------------------------------------------------------
+
+def resolve_folder(path):
+    """An absolute folder as given; a relative one inside ComfyUI's input folder."""
+    path = path.strip()
+    return path if not path or os.path.isabs(path) else os.path.join(folder_paths.get_input_directory(), path)
+
+
+def edlora_folder():
+    return folder_paths.get_folder_paths(EDLORA_FOLDER)[0]
+
+
+def state_folder(output_name):
+    return os.path.join(folder_paths.get_output_directory(), STATE_FOLDER, output_name)
+
+
+def state_path(output_name, step):
+    return os.path.join(state_folder(output_name), f"state-{step:06d}.safetensors")
+
+
+def resolve_resume(resume, output_name):
+    """None, or the state file `resume` names: "latest", or a path (absolute or in the state folder)."""
+    resume = resume.strip()
+    if not resume:
+        return None
+    if resume == "latest":
+        found = sorted(glob.glob(os.path.join(glob.escape(state_folder(output_name)), "state-*.safetensors")))
+        if not found:
+            raise TrainingStateError(f"resume: no saved state of {output_name!r} in {state_folder(output_name)}")
+        return found[-1]
+    path = resume if os.path.isabs(resume) else os.path.join(state_folder(output_name), resume)
+    if not os.path.isfile(path):
+        raise TrainingStateError(f"resume: {path} does not exist")
+    return path
+
+
+def trained_edlora(training, name):
+    def layers(part):
+        return {path: LoRALayer(down, up) for path, (down, up) in training.lora_weights(part).items()}
+    return EDLoRA(training.tables(), layers("unet"), layers("text"), name)
+
+
+def save_outputs(edlora, path, also_pth):
+    save_edlora(edlora, path)
+    if also_pth:
+        save_edlora_original(edlora, os.path.splitext(path)[0] + ".pth")
+
+
+def save_state(training, output_name, dataset_names):
+    path = state_path(output_name, training.step)
+    save_training_state(path, *training.state(dataset_names))
+    return path
+
+
+def folder_fingerprint(*folders):
+    digest = hashlib.sha256()
+    for folder in folders:
+        if folder and os.path.isdir(folder):
+            for name in sorted(os.listdir(folder)):
+                stat = os.stat(os.path.join(folder, name))
+                digest.update(f"{folder}/{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    return digest.hexdigest()
+
+
+# ---- previews and progress -----------------------------------------------------------
+
+def preview_images(model, clip, vae, edlora, prompt, steps, resolution, seed):
+    """[3, H, W, 3]: the prompt sampled with the ED-LoRA at α 0 (embeddings only), 0.7 and 1.0."""
+    latent = torch.zeros(1, 4, resolution // 8, resolution // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    images = []
+    with torch.inference_mode():
+        for alpha in PREVIEW_ALPHAS:
+            patched_model, patched_clip = apply_edlora(model, clip, edlora, alpha, alpha)
+            positive, negative = encode_layerwise(patched_clip, prompt), encode_layerwise(patched_clip, "")
+            samples = comfy.sample.sample(patched_model, noise, steps, PREVIEW_CFG, "euler", "normal", positive,
+                                          negative, latent, seed=seed, disable_pbar=True)
+            images.append(vae.decode(samples).float().cpu())
+        return torch.cat(images)
+
+
+def curve_image(training, loss=None):
+    caption = f"step {training.step}/{training.config.total_steps}"
+    if loss is not None:
+        caption += f"   loss {loss:.4f}"
+    return torch.from_numpy(loss_curve(training.losses, training.config.total_steps, caption=caption))
+
+
+class TrainingProgress:
+    """ProgressBar whose preview is the loss curve with the current loss written on it."""
+
+    def __init__(self, training, name):
+        self.total, self.name = training.config.total_steps, name
+        self.every = max(1, self.total // 50)
+        self.bar = comfy.utils.ProgressBar(self.total)
+        self.bar.update_absolute(training.step, self.total)
+
+    def __call__(self, training, loss, norm):
+        preview = None
+        if training.step % self.every == 0 or training.step == self.total:
+            pixels = (curve_image(training, loss).numpy() * 255).astype(np.uint8)
+            preview = ("PNG", Image.fromarray(pixels), 512)
+            log.info("EDLoRA Train %s: step %d/%d loss %.4f embedding norm %.3f%s", self.name, training.step,
+                     self.total, loss, norm, " (embeddings frozen)" if training.frozen else "")
+        self.bar.update_absolute(training.step, self.total, preview)
+
+
+class EDLoRATrain:
+    DESCRIPTION = ("Trains one concept as a Mix-of-Show ED-LoRA (the paper's single-client stage): two concept "
+                   "words with one embedding per cross-attention layer, plus rank-r LoRA on the text encoder's "
+                   "attention and the UNet's attention layers, with the original's defaults. Writes "
+                   "models/edlora/<output_name>.safetensors for 'EDLoRA Loader' and gradient fusion. The "
+                   "interrupt button stops cleanly and saves a state that 'resume' = latest continues exactly.")
+    CATEGORY = "mixofshow/train"
+    RETURN_TYPES = ("STRING", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("edlora_name", "loss_curve", "previews")
+    OUTPUT_TOOLTIPS = ("File name of the trained ED-LoRA in models/edlora.",
+                       "Loss per step and its moving average.",
+                       "The preview prompt at α 0 (embeddings only), 0.7 and 1.0, every preview_every steps and at the end.")
+    OUTPUT_NODE = True
+    FUNCTION = "train"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        def number(kind, default, low, high, step, tip):
+            return (kind, {"default": default, "min": low, "max": high, "step": step, "tooltip": tip})
+
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "SD1.5 model to train on (weight patches such as LoRAs are included)."}),
+            "clip": ("CLIP", {"tooltip": "Its SD1.5 CLIP."}),
+            "vae": ("VAE", {"tooltip": "Its VAE; encodes the training images."}),
+            "dataset_folder": ("STRING", {"default": "", "tooltip": "Folder of images with same-name .txt captions "
+                                          "(first line) that contain the placeholder; an image without caption is "
+                                          "captioned with the placeholder alone. A relative path is inside ComfyUI's "
+                                          "input folder."}),
+            "placeholder": ("STRING", {"default": "<TOK>", "tooltip": "What captions write for the concept; replaced "
+                                       "by the two concept words."}),
+            "concept_word_1": ("STRING", {"default": "<concept1>", "tooltip": "First concept word (the original's "
+                                          "'adjective' word, attention kept inside the mask)."}),
+            "concept_word_2": ("STRING", {"default": "<concept2>", "tooltip": "Second concept word (the class-anchored word)."}),
+            "initializer_1": ("STRING", {"default": "<rand-0.013>", "tooltip": "<rand-σ> for a random start, or one "
+                                         "existing word whose embedding is copied to all 16 layer rows."}),
+            "initializer_2": ("STRING", {"default": "man", "tooltip": "Like initializer_1; the original uses the class "
+                                         "word (man, woman, dog, ...)."}),
+            "steps": number("INT", 0, 0, 1000000, 1, "Training steps; 0 counts them like the original: "
+                            "images × repeats / batch size."),
+            "repeats": number("INT", 500, 1, 100000, 1, "Dataset repeats when steps is 0 (original: 500, 250 for some)."),
+            "batch_size": number("INT", 2, 1, 64, 1, "Images per step (original: 2 per GPU on 2 GPUs)."),
+            "resolution": number("INT", 512, 64, 2048, 64, "Square training canvas in pixels, a multiple of 64."),
+            "lr_embedding": number("FLOAT", 1e-3, 0.0, 1.0, 1e-5, "Learning rate of the concept embeddings."),
+            "lr_text_encoder": number("FLOAT", 1e-5, 0.0, 1.0, 1e-6, "Learning rate of the text-encoder LoRA."),
+            "lr_unet": number("FLOAT", 1e-4, 0.0, 1.0, 1e-5, "Learning rate of the UNet LoRA."),
+            "rank": number("INT", 4, 1, 128, 1, "LoRA rank (ΔW = up·down, no division by rank)."),
+            "noise_offset": number("FLOAT", 0.01, 0.0, 1.0, 0.005, "Per image and channel noise offset."),
+            "masked_loss": ("BOOLEAN", {"default": True, "tooltip": "Weight the loss by the concept masks (needs a "
+                                        "masks folder); otherwise by the image area inside the padded canvas."}),
+            "attn_reg_weight": number("FLOAT", 0.01, 0.0, 10.0, 0.001, "Attention regulariser weight: penalises "
+                                      "the concept words' cross-attention outside the mask (0 disables it)."),
+            "reg_full_identity": ("BOOLEAN", {"default": False, "tooltip": "Make the second word's attention match "
+                                              "the whole mask (original: on for thanos) instead of only staying inside."}),
+            "emb_norm_threshold": number("FLOAT", 0.55, 0.0, 100.0, 0.01, "Embeddings freeze once the mean norm of "
+                                         "their rows reaches this; the LoRAs keep training."),
+            "caption_template": (list(CAPTION_TEMPLATES), {"default": "human", "tooltip": "Template set each caption "
+                                 "is wrapped in ('a photo of {}' and variations); none uses captions as they are."}),
+            "shuffle_caption": ("BOOLEAN", {"default": True, "tooltip": "Shuffle the comma-separated parts after the first."}),
+            "seed": number("INT", 0, 0, 0xFFFFFFFFFFFFFFFF, 1, "Seeds initialisation, batches, augmentation and noise."),
+            "save_every": number("INT", 0, 0, 1000000, 1, "Save a resumable state and an intermediate ED-LoRA every N "
+                                 "steps (0: only at the end and on interrupt)."),
+            "output_name": ("STRING", {"default": "my_concept", "tooltip": "Writes models/edlora/<name>.safetensors "
+                                       "(overwritten if it exists)."}),
+            "preview_every": number("INT", 0, 0, 1000000, 1, "Preview images every N steps (0: only at the end)."),
+            "preview_prompt": ("STRING", {"default": "a photo of <TOK>", "multiline": True,
+                                          "tooltip": "Prompt of the previews; the placeholder becomes the concept words."}),
+            "preview_steps": number("INT", 20, 1, 200, 1, "Sampling steps per preview image (euler, CFG 7.5)."),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute activations in backward: "
+                                                   "less memory, slower steps."}),
+            "precision": (list(PRECISIONS), {"default": "fp32", "tooltip": "fp32, or fp16/bf16 autocast for GPUs "
+                                             "(LoRA and embeddings stay fp32)."}),
+            "also_save_pth": ("BOOLEAN", {"default": False, "tooltip": "Also write the original Mix-of-Show .pth layout."}),
+        }, "optional": {
+            "masks_folder": ("STRING", {"default": "", "tooltip": "Optional folder of same-name masks (white = concept), "
+                                        "each the size of its image; a relative path is inside the input folder."}),
+            "resume": ("STRING", {"default": "", "tooltip": "Empty: start fresh. 'latest': continue the newest saved "
+                                  "state of output_name. Or a state file path."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, dataset_folder="", masks_folder="", resume="", output_name="", **kwargs):
+        resumed = state_folder(output_name) if resume.strip() == "latest" and OUTPUT_NAME.match(output_name) else None
+        return folder_fingerprint(resolve_folder(dataset_folder), resolve_folder(masks_folder), resumed)
+
+    def train(self, model, clip, vae, dataset_folder, placeholder, concept_word_1, concept_word_2, initializer_1,
+              initializer_2, steps, repeats, batch_size, resolution, lr_embedding, lr_text_encoder, lr_unet, rank,
+              noise_offset, masked_loss, attn_reg_weight, reg_full_identity, emb_norm_threshold, caption_template,
+              shuffle_caption, seed, save_every, output_name, preview_every, preview_prompt, preview_steps,
+              gradient_checkpointing, precision, also_save_pth, masks_folder="", resume=""):
+        words = (concept_word_1.strip(), concept_word_2.strip())
+        check_names(output_name, placeholder, words)
+        require_sd15(model, clip, "EDLoRA Train")
+        check_clip(clip)
+        if resolution % 64:
+            raise ValueError(f"resolution {resolution}: must be a multiple of 64")
+        samples = load_dataset(resolve_folder(dataset_folder), placeholder, resolution, resolve_folder(masks_folder) or None)
+        config = TrainingConfig(
+            total_steps=steps or steps_for_repeats(len(samples), repeats, batch_size), words=words,
+            placeholder=placeholder, batch_size=batch_size, resolution=resolution, lr_embedding=lr_embedding,
+            lr_text_lora=lr_text_encoder, lr_unet_lora=lr_unet, noise_offset=noise_offset, masked_loss=masked_loss,
+            attn_reg_weight=attn_reg_weight, reg_full_identity=reg_full_identity,
+            emb_norm_threshold=emb_norm_threshold, caption_template=caption_template,
+            shuffle_caption=shuffle_caption, seed=seed, mixed_precision=PRECISIONS[precision])
+        check_captions_fit(clip, samples, config)
+        tables = initial_tables(clip, words, (initializer_1, initializer_2), seed)
+        resume_path = resolve_resume(resume, output_name)
+        run = TrainingRun(model, clip, vae, samples, config, output_name, also_save_pth)
+        with torch.inference_mode(False), torch.enable_grad():
+            return run.execute(tables, rank, gradient_checkpointing, resume_path, save_every, preview_every,
+                               bind_placeholder(preview_prompt, placeholder, words), preview_steps)
+
+
+class TrainingRun:
+    """One execution of the node: train, save periodically and on interrupt, preview, write."""
+
+    def __init__(self, model, clip, vae, samples, config, output_name, also_save_pth):
+        self.model, self.clip, self.vae, self.samples = model, clip, vae, samples
+        self.config, self.output_name, self.also_save_pth = config, output_name, also_save_pth
+        self.names = [s.name for s in samples]
+        self.previews = []
+
+    def execute(self, tables, rank, gradient_checkpointing, resume_path, save_every, preview_every, prompt,
+                preview_steps):
+        with host_training(self.model, self.clip, self.vae, self.samples, self.config, tables, rank,
+                           gradient_checkpointing) as training:
+            if resume_path is not None:
+                training.restore(*load_training_state(resume_path), self.names, resume_path)
+            progress = TrainingProgress(training, self.output_name)
+
+            def on_step(training, loss, norm):
+                progress(training, loss, norm)
+                if training.step < self.config.total_steps:
+                    if save_every and training.step % save_every == 0:
+                        self.save_intermediate(training)
+                    if preview_every and training.step % preview_every == 0:
+                        self.preview(training, prompt, preview_steps)
+
+            finished = run_training(training, on_step, comfy.model_management.processing_interrupted)
+            if not finished:
+                log.info("EDLoRA Train %s: interrupted, state saved to %s", self.output_name,
+                         save_state(training, self.output_name, self.names))
+                comfy.model_management.throw_exception_if_processing_interrupted()
+            path = os.path.join(edlora_folder(), f"{self.output_name}.safetensors")
+            save_outputs(trained_edlora(training, os.path.basename(path)), path, self.also_save_pth)
+            self.preview(training, prompt, preview_steps)
+            return os.path.basename(path), curve_image(training)[None], torch.cat(self.previews)
+
+    def save_intermediate(self, training):
+        save_state(training, self.output_name, self.names)
+        name = f"{self.output_name}-{training.step:06d}.safetensors"
+        path = os.path.join(edlora_folder(), f"{self.output_name}_steps", name)
+        save_outputs(trained_edlora(training, name), path, self.also_save_pth)
+
+    def preview(self, training, prompt, steps):
+        edlora = trained_edlora(training, f"{self.output_name} (step {training.step})")
+        self.previews.append(preview_images(self.model, self.clip, self.vae, edlora, prompt, steps,
+                                            self.config.resolution, self.config.seed))

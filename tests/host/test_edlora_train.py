@@ -1,0 +1,320 @@
+"""EDLoRA Train on the tiny SD1.5-topology host models with generated images."""
+import os
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from comfyui_mixofshow.harness import models
+from comfyui_mixofshow.mixofshow_core import sd15
+from comfyui_mixofshow.mixofshow_core.edlora_format import load_edlora
+from comfyui_mixofshow.mixofshow_core.training.dataset import DatasetError
+from comfyui_mixofshow.mixofshow_core.training.loop import EDLoRATraining, TrainingConfig, run_training
+from comfyui_mixofshow.nodes.edlora_loader import EDLoRALoader, apply_edlora
+from comfyui_mixofshow.nodes.edlora_text_encode import encode_layerwise
+from comfyui_mixofshow.nodes.edlora_train import (EDLoRATrain, host_training, initial_tables, trained_edlora)
+from comfyui_mixofshow.nodes.layerwise import CONTEXT_KEY
+
+from .sampling import c_in, denoise_once
+
+WORDS = ("<t1>", "<t2>")
+CAPTION = "<TOK>, red shirt, smiling"
+
+
+def write_dataset(folder, sizes=((64, 96), (96, 64)), masks=True):
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    for i, (width, height) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+        (folder / "images" / f"{i}.txt").write_text(CAPTION)
+        mask = np.zeros((height, width), np.uint8)
+        mask[height // 4:3 * height // 4, width // 4:3 * width // 4] = 255
+        if masks:
+            Image.fromarray(mask, "L").save(folder / "masks" / f"{i}.png")
+    return str(folder / "images"), str(folder / "masks")
+
+
+def node_inputs(images, masks, **overrides):
+    inputs = dict(dataset_folder=images, placeholder="<TOK>", concept_word_1=WORDS[0], concept_word_2=WORDS[1],
+                  initializer_1="<rand-0.013>", initializer_2="man", steps=2, repeats=1, batch_size=1, resolution=64,
+                  lr_embedding=1e-3, lr_text_encoder=1e-5, lr_unet=1e-4, rank=4, noise_offset=0.01, masked_loss=True,
+                  attn_reg_weight=0.01, reg_full_identity=False, emb_norm_threshold=0.55, caption_template="human",
+                  shuffle_caption=True, seed=3, save_every=1, output_name="concept", preview_every=1,
+                  preview_prompt="a photo of <TOK>", preview_steps=1, gradient_checkpointing=False, precision="fp32",
+                  also_save_pth=True, masks_folder=masks, resume="")
+    inputs.update(overrides)
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def host_models():
+    with torch.inference_mode():
+        return models.tiny_model(), models.tiny_clip(), models.tiny_vae()
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    """models/edlora and the output folder redirected to a temporary folder for this module."""
+    root = tmp_path_factory.mktemp("train")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(folder_paths.folder_names_and_paths, "edlora", ([str(root / "edlora")], {".safetensors", ".pth"}))
+        patch.setattr(folder_paths, "output_directory", str(root / "output"))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def dataset(places):
+    return write_dataset(places / "data")
+
+
+def weights(patcher):
+    return {k: v.clone() for k, v in patcher.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def trained(host_models, dataset, places):
+    """One node run: 2 steps, state and intermediate ED-LoRA at step 1, previews at step 1 and the end."""
+    model, clip, vae = host_models
+    with torch.inference_mode():
+        comfy.model_management.unload_all_models()
+        before = weights(model), weights(clip.patcher)
+        outputs = EDLoRATrain().train(model, clip, vae, **node_inputs(*dataset))
+        comfy.model_management.unload_all_models()
+        after = weights(model), weights(clip.patcher)
+    return outputs, before, after
+
+
+def config(**overrides):
+    settings = dict(total_steps=2, words=WORDS, batch_size=1, resolution=64, seed=3)
+    settings.update(overrides)
+    return TrainingConfig(**settings)
+
+
+def load_samples(images, masks=None):
+    from comfyui_mixofshow.mixofshow_core.training.dataset import load_dataset
+    return load_dataset(images, "<TOK>", 64, masks)
+
+
+def test_lora_sits_exactly_on_the_layers_the_original_trains(host_models, dataset):
+    model, clip, vae = host_models
+    samples = load_samples(*dataset)
+    with torch.inference_mode(False), torch.enable_grad():
+        tables = initial_tables(clip, WORDS, ("<rand-0.013>", "man"), 0)
+        with host_training(model, clip, vae, samples, config(), tables, 4, False) as training:
+            unet, text = training.adapters["unet"], training.adapters["text"]
+            expected_unet = {f"{block}.transformer_blocks.0.{attn}.{linear}" for block in sd15.CROSS_ATTN_BLOCKS
+                             for attn in ("attn1", "attn2") for linear in ("to_q", "to_k", "to_v", "to_out.0")}
+            expected_text = {f"text_model.encoder.layers.{i}.self_attn.{linear}" for i in range(2)
+                             for linear in ("q_proj", "k_proj", "v_proj", "out_proj")}
+            assert set(unet) == expected_unet and len(unet) == 128
+            assert set(text) == expected_text and len(text) == 8  # the tiny CLIP has 2 of SD1.5's 12 layers
+            assert unet[f"{sd15.CROSS_ATTN_BLOCKS[6]}.transformer_blocks.0.attn2.to_k"].down.shape == (4, 768)
+            assert unet[f"{sd15.CROSS_ATTN_BLOCKS[2]}.transformer_blocks.0.attn1.to_q"].down.shape == (4, 64)
+            assert all(a.down.shape == (4, 768) and a.up.shape == (768, 4) for a in text.values())
+
+
+def test_every_trainable_tensor_gets_a_gradient_and_checkpointing_gives_the_same(host_models, dataset):
+    model, clip, vae = host_models
+    samples = load_samples(*dataset)
+    results = []
+    with torch.inference_mode(False), torch.enable_grad():
+        tables = initial_tables(clip, WORDS, ("<rand-0.013>", "man"), 0)
+        for checkpointing in (False, True):
+            with host_training(model, clip, vae, samples, config(), tables, 4, checkpointing) as training:
+                with torch.no_grad():
+                    for adapter in list(training.adapters["unet"].values()) + list(training.adapters["text"].values()):
+                        adapter.up.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
+                loss = training.loss(0)
+                loss.backward()
+                # at 64 px the middle block's self-attention sees one token: its q and k cannot matter
+                single_token = {f"{sd15.CROSS_ATTN_BLOCKS[6]}.transformer_blocks.0.attn1.{n}" for n in ("to_q", "to_k")}
+                params = list(training.embeddings.values()) + [p for part in training.adapters.values()
+                                                               for name, a in part.items() if name not in single_token
+                                                               for p in (a.down, a.up)]
+                assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+                results.append((loss.item(), [p.grad.clone() for p in params]))
+    (plain_loss, plain_grads), (ckpt_loss, ckpt_grads) = results
+    assert plain_loss == pytest.approx(ckpt_loss, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-7) for a, b in zip(plain_grads, ckpt_grads))
+
+
+def test_training_encodes_and_predicts_like_the_loaded_edlora_at_inference(host_models, dataset):
+    """Text: the training path equals EDLoRA Text Encode on the LoRA-patched CLIP, layer by layer
+    (bit-identical without LoRA). UNet: the training prediction equals the host sampler's on the
+    patched, routed MODEL."""
+    model, clip, vae = host_models
+    samples = load_samples(dataset[0])
+    prompt = "a photo of <t1> <t2>, red shirt"
+    with torch.inference_mode(False), torch.enable_grad():
+        tables = initial_tables(clip, WORDS, ("<rand-0.013>", "man"), 0)
+        settings = config(total_steps=1, lr_embedding=5e-2, lr_text_lora=5e-2, lr_unet_lora=5e-2)
+        with host_training(model, clip, vae, samples, settings, tables, 4, False) as training:
+            run_training(training)
+            edlora = trained_edlora(training, "check")
+            with torch.inference_mode():
+                patched_model, patched_clip = apply_edlora(model, clip, edlora, 1.0, 1.0)
+                cond = encode_layerwise(patched_clip, prompt)
+                stack = cond[0][1]["model_conds"][CONTEXT_KEY].cond.clone()
+                _, plain_clip = apply_edlora(model, clip, edlora, 0.0, 0.0)
+                without_lora = encode_layerwise(plain_clip, prompt)[0][1]["model_conds"][CONTEXT_KEY].cond.clone()
+                x, denoised, sigma = (v.clone() if torch.is_tensor(v) else v
+                                      for v in denoise_once(patched_model, cond, cond, 1.0, t=500))
+                timestep = model.model.model_sampling.timestep(torch.tensor([sigma])).clone()
+            with torch.no_grad():
+                contexts, positions = training.model.encode_text([prompt], training.embeddings)
+                eps = training.model.predict(x * c_in(sigma), timestep, contexts)
+    assert positions.tolist() == [[4, 5]]  # after the start token and "a photo of"
+    # the host keeps this CLIP in fp16, so its merged W + ΔW is rounded to fp16; training adds ΔW in fp32
+    error, lora_effect = (contexts - stack).abs().max(), (stack - without_lora).abs().max()
+    assert error < 5e-3 and lora_effect > 20 * error
+    assert not torch.allclose(stack[:, 0], stack[:, 15], atol=1e-3), "layers must differ for this test"
+    assert torch.allclose(denoised, x - sigma * eps, atol=2e-3)
+
+
+def test_node_writes_an_edlora_the_loader_and_text_encode_accept(trained, host_models, places):
+    (name, curve, previews), _, _ = trained
+    model, clip, _ = host_models
+    assert name == "concept.safetensors"
+    edlora = load_edlora(str(places / "edlora" / name))
+    assert edlora.words == list(WORDS) and edlora.rank == 4
+    assert len(edlora.unet) == 128 and len(edlora.text_encoder) == 8
+    assert load_edlora(str(places / "edlora" / "concept.pth")).words == list(WORDS)
+    with torch.inference_mode():
+        patched_model, patched_clip = EDLoRALoader().load(model, clip, name, 0.7, 0.7)
+        cond = encode_layerwise(patched_clip, "a photo of <t1> <t2> on a beach")
+    assert cond[0][1]["model_conds"][CONTEXT_KEY].cond.shape == (1, 16, 77, 768)
+    assert curve.shape == (1, 320, 512, 3) and previews.shape == (6, 64, 64, 3)  # α 0/0.7/1 at step 1 and 2
+    assert torch.isfinite(previews).all() and 0 <= previews.min() and previews.max() <= 1
+
+
+def test_node_saves_intermediate_edloras_and_states(trained, places):
+    assert os.path.isfile(places / "edlora" / "concept_steps" / "concept-000001.safetensors")
+    assert os.path.isfile(places / "output" / "edlora_training" / "concept" / "state-000001.safetensors")
+    assert load_edlora(str(places / "edlora" / "concept_steps" / "concept-000001.safetensors")).rank == 4
+
+
+def test_base_model_and_token_embeddings_stay_bit_identical(trained):
+    _, (model_before, clip_before), (model_after, clip_after) = trained
+    assert model_before.keys() == model_after.keys() and clip_before.keys() == clip_after.keys()
+    assert all(torch.equal(model_before[k], model_after[k]) for k in model_before)
+    assert all(torch.equal(clip_before[k], clip_after[k]) for k in clip_before)
+    token_embedding = "clip_l.transformer.text_model.embeddings.token_embedding.weight"
+    assert clip_after[token_embedding].shape == (49408, 768)
+
+
+def test_interrupt_leaves_a_state_that_resumes_to_the_uninterrupted_result(trained, host_models, dataset, places):
+    model, clip, vae = host_models
+    interrupt_at = {"step": 1}
+
+    def hook(value, total, preview):
+        if value == interrupt_at["step"]:
+            comfy.model_management.interrupt_current_processing(True)
+
+    inputs = node_inputs(*dataset, output_name="resumed", save_every=0, preview_every=0, also_save_pth=False)
+    previous = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
+            EDLoRATrain().train(model, clip, vae, **inputs)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous)
+    state = places / "output" / "edlora_training" / "resumed" / "state-000001.safetensors"
+    assert state.is_file() and not (places / "edlora" / "resumed.safetensors").exists()
+    with torch.inference_mode():
+        EDLoRATrain().train(model, clip, vae, **{**inputs, "resume": "latest"})
+    resumed = load_file(str(places / "edlora" / "resumed.safetensors"))
+    uninterrupted = load_file(str(places / "edlora" / "concept.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty folder", "no images"),
+    ("unreadable image", "2.png: cannot be read as an image"),
+    ("caption without placeholder", "1.txt: caption 'a dog' does not contain the placeholder <TOK>"),
+    ("mask size mismatch", "mask is 32x32 but 0.png is 64x96"),
+])
+def test_bad_datasets_fail_clearly_before_any_step(tmp_path, host_models, monkeypatch, case, message):
+    model, clip, vae = host_models
+    images, masks = write_dataset(tmp_path)
+    if case == "empty folder":
+        images = str(tmp_path / "masks")
+        masks = ""
+        for name in os.listdir(images):
+            os.remove(os.path.join(images, name))
+    elif case == "unreadable image":
+        (tmp_path / "images" / "2.png").write_bytes(b"\x89PNG broken")
+    elif case == "caption without placeholder":
+        (tmp_path / "images" / "1.txt").write_text("a dog")
+    elif case == "mask size mismatch":
+        Image.new("L", (32, 32)).save(tmp_path / "masks" / "0.png")
+    monkeypatch.setattr(EDLoRATraining, "train_step", lambda self: pytest.fail("a training step ran"))
+    with torch.inference_mode(), pytest.raises(DatasetError, match=message):
+        EDLoRATrain().train(model, clip, vae, **node_inputs(images, masks))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"initializer_2": "two words"}, "initializer 'two words'"),
+    ({"initializer_2": "mixofshowness"}, "not a single token"),
+    ({"concept_word_2": "<t1>"}, "must differ"),
+    ({"resolution": 96}, "multiple of 64"),
+    ({"output_name": "../escape"}, "output_name"),
+    ({"resume": "latest", "output_name": "never_trained"}, "no saved state"),
+])
+def test_bad_settings_fail_clearly_before_any_step(tmp_path, host_models, monkeypatch, overrides, message):
+    model, clip, vae = host_models
+    monkeypatch.setattr(EDLoRATraining, "train_step", lambda self: pytest.fail("a training step ran"))
+    with torch.inference_mode(), pytest.raises(ValueError, match=message):
+        EDLoRATrain().train(model, clip, vae, **node_inputs(*write_dataset(tmp_path), **overrides))
+
+
+def test_too_long_caption_fails_before_any_step(tmp_path, host_models, monkeypatch):
+    model, clip, vae = host_models
+    images, masks = write_dataset(tmp_path)
+    (tmp_path / "images" / "1.txt").write_text("<TOK>, " + ", ".join(["a very long detail"] * 20))
+    monkeypatch.setattr(EDLoRATraining, "train_step", lambda self: pytest.fail("a training step ran"))
+    with torch.inference_mode(), pytest.raises(ValueError, match="1.png: caption is too long"):
+        EDLoRATrain().train(model, clip, vae, **node_inputs(images, masks))
+
+
+def test_loss_decreases_on_a_fixed_batch(host_models, dataset):
+    model, clip, vae = host_models
+    samples = load_samples(dataset[0])[:1]
+    with torch.inference_mode(False), torch.enable_grad():
+        tables = initial_tables(clip, WORDS, ("<rand-0.013>", "man"), 0)
+        settings = config(total_steps=4, lr_unet_lora=1e-2, lr_text_lora=1e-2, lr_embedding=1e-2, attn_reg_weight=0.0)
+        with host_training(model, clip, vae, samples, settings, tables, 4, False) as training:
+            fixed = training.loss
+            training.loss = lambda step: fixed(0)
+            run_training(training)
+    losses = training.losses
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.95 * losses[0], losses
+
+
+def test_workflows_match_the_node_inputs():
+    import json
+    from comfyui_mixofshow.harness.host import ROOT
+    types = EDLoRATrain.INPUT_TYPES()
+    inputs = {**types["required"], **types["optional"]}
+    widgets = [n for n, spec in inputs.items() if spec[0] not in ("MODEL", "CLIP", "VAE")]
+    api = json.loads((ROOT / "workflows" / "edlora_train_api.json").read_text())
+    train = next(node for node in api.values() if node["class_type"] == "MixOfShowEDLoRATrain")
+    assert set(train["inputs"]) == set(inputs)
+    for name in widgets:
+        kind, value = inputs[name][0], train["inputs"][name]
+        if isinstance(kind, list):
+            assert value in kind, name
+        else:
+            assert isinstance(value, {"STRING": str, "INT": int, "FLOAT": float, "BOOLEAN": bool}[kind]), name
+    ui = json.loads((ROOT / "workflows" / "edlora_train.json").read_text())
+    node = next(node for node in ui["nodes"] if node["type"] == "MixOfShowEDLoRATrain")
+    assert len(node["widgets_values"]) == len(widgets) + 1  # the seed widget's control_after_generate
+    expected = [train["inputs"][n] for n in widgets]
+    expected.insert(widgets.index("seed") + 1, "fixed")
+    assert node["widgets_values"] == expected
