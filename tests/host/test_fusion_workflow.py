@@ -1,0 +1,145 @@
+"""The fusion workflow (workflows/fuse_three_concepts*.json) through a real, headless ComfyUI
+server (harness/server.py) and its HTTP API: three demo ED-LoRAs fused by Gradient Fuse, saved
+by Save Fused Model (checkpoint + .fusionstats), sampled with two concepts in one prompt; then
+the saved checkpoint loaded by Load Fused Model in a second prompt.
+
+The demo checkpoint and <cat1> <cat2> ED-LoRA are generated once into .host/run (as
+scripts/demo.sh does); <dog1> <dog2> and <owl1> <owl2> are written as the demo writes them.
+Tiny run: the chain cut to two concepts (<cat1> <cat2>, <dog1> <dog2>: the ones the prompt
+uses), 1 capture step at 64 px, 2 sampling steps at 64x64. Save Fused Model writes into the
+host's own models/checkpoints (ComfyUI's first checkpoints folder); the fixture removes the
+test's files from there.
+"""
+import json
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from comfyui_mixofshow.harness import demo
+from comfyui_mixofshow.harness import server as harness_server
+from comfyui_mixofshow.mixofshow_core.fusion_stats import load_fusion_stats
+
+from .test_server_api import pixels, ui_to_api
+
+WORKFLOWS = harness_server.ROOT / "workflows"
+SIZE, STEPS = 64, 2
+WORDS = ["<cat1>", "<cat2>", "<dog1>", "<dog2>"]
+PREFIX = "mixofshow_test_fused"
+PROMPT = "a photo of <cat1> <cat2> and <dog1> <dog2> in a garden"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(server, client, ED-LoRA names): a server in a temporary run folder."""
+    checkpoint, cat = demo.ensure_demo_models()  # cached in .host/run, shared with the demo
+    server = harness_server.Server(tmp_path_factory.mktemp("comfy-fusion"), cpu=True).prepare()
+    (server.models_dir("checkpoints") / checkpoint.name).symlink_to(checkpoint)
+    (server.models_dir("edlora") / cat.name).symlink_to(cat)
+    names = [cat.name] + [demo.write_demo_concept(cat, name, seed, server.models_dir("edlora")).name
+                          for name, seed in demo.DEMO_CONCEPTS]
+    server.start(timeout=90)
+    try:
+        yield server, server.client(timeout=60), names
+    finally:
+        server.stop()
+        for path in (demo.host_models_dir(server) / "checkpoints").glob(f"{PREFIX}_*_.*"):
+            path.unlink()
+
+
+def fusion_graph(names):
+    return demo.build_fusion_prompt(demo.load_workflow(demo.FUSION_WORKFLOW), demo.DEMO_CHECKPOINT, names[:2],
+                                    steps=STEPS, capture_steps=1, capture_resolution=64,
+                                    filename_prefix=PREFIX, image_prefix=PREFIX)
+
+
+def test_shipped_workflow_fuses_the_three_demo_concepts():
+    graph = demo.load_workflow(demo.FUSION_WORKFLOW)
+    names = [graph[k]["inputs"]["edlora_name"] for k in demo.concept_chain(graph)]
+    assert names == [demo.DEMO_EDLORA] + [f"mixofshow_demo_{n}.safetensors" for n, _ in demo.DEMO_CONCEPTS]
+    assert demo.positive_text(graph) == PROMPT
+    fuse = graph[demo._only(graph, "MixOfShowGradientFuse")]["inputs"]
+    assert fuse["method"] == "gradient" and fuse["capture_steps"] <= 4 and fuse["capture_resolution"] == 64
+    save = graph[demo._only(graph, "MixOfShowSaveFusedModel")]["inputs"]
+    assert save["model"] == [demo._only(graph, "MixOfShowGradientFuse"), 0] and "fusion_stats" in save
+    # the chain is cut or extended to the number of files
+    for count in (1, 2, 5):
+        built = demo.build_fusion_prompt(graph, "x.safetensors", [f"e{i}.safetensors" for i in range(count)])
+        chain = demo.concept_chain(built)
+        assert [built[k]["inputs"]["edlora_name"] for k in chain] == [f"e{i}.safetensors" for i in range(count)]
+        assert sum(n["class_type"] == "MixOfShowEDLoRAConcept" for n in built.values()) == count
+
+
+def test_fusion_workflow_saves_a_checkpoint_that_loads(run):
+    server, client, names = run
+    graph = fusion_graph(names)
+    entry = client.run(graph, timeout=600)
+    images = client.images(entry)
+    assert len(images) == 1, entry.get("outputs")
+    info, png = images[0]
+    assert info["filename"].startswith(PREFIX) and demo.png_size(png) == (SIZE, SIZE)
+    fused_image = pixels(png)
+    assert np.isfinite(fused_image).all() and fused_image.std() > 1e-3, "image is constant (NaN decodes to black)"
+
+    saved = demo.saved_checkpoints(entry, graph)
+    assert len(saved) == 2, saved
+    checkpoint = demo.host_models_dir(server) / saved[0]
+    stats = demo.host_models_dir(server) / saved[1]
+    assert checkpoint.name.startswith(PREFIX + "_") and checkpoint.suffix == ".safetensors"
+    assert stats == checkpoint.with_suffix(".fusionstats")
+    assert checkpoint.is_file() and stats.is_file()
+    assert not list(checkpoint.parent.glob(".*partial*")) and not list(checkpoint.parent.glob("*.tmp"))
+    with safe_open(str(checkpoint), framework="pt") as f:
+        concepts = json.loads(f.metadata()["mixofshow.concepts"])
+        assert [c["word"] for c in concepts] == WORDS
+        for word in WORDS:
+            assert list(f.get_slice(demo_key(word)).get_shape()) == [16, 768]
+        assert any(k.startswith("model.diffusion_model.") for k in f.keys())
+    assert load_fusion_stats(str(stats)).words == WORDS
+
+    # a second prompt: the saved checkpoint through Load Fused Model, same prompt and seed
+    ckpt_name = checkpoint.relative_to(demo.host_models_dir(server) / "checkpoints").as_posix()
+    info_list = client.object_info("MixOfShowLoadFusedModel")["MixOfShowLoadFusedModel"]
+    assert ckpt_name in info_list["input"]["required"]["ckpt_name"][0]
+    assert info_list["output"] == ["MODEL", "CLIP", "VAE", "FUSION_STATS"]
+    sampler = graph[demo._only(graph, "KSampler")]["inputs"]
+    loaded = {
+        "f1": {"class_type": "MixOfShowLoadFusedModel", "inputs": {"ckpt_name": ckpt_name}},
+        "f2": {"class_type": "MixOfShowEDLoRATextEncode", "inputs": {"clip": ["f1", 1], "text": PROMPT}},
+        "f3": {"class_type": "MixOfShowEDLoRATextEncode",
+               "inputs": {"clip": ["f1", 1], "text": graph[sampler["negative"][0]]["inputs"]["text"]}},
+        "f4": {"class_type": "EmptyLatentImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1}},
+        "f5": {"class_type": "KSampler", "inputs": {**sampler, "model": ["f1", 0], "positive": ["f2", 0],
+                                                    "negative": ["f3", 0], "latent_image": ["f4", 0]}},
+        "f6": {"class_type": "VAEDecode", "inputs": {"samples": ["f5", 0], "vae": ["f1", 2]}},
+        "f7": {"class_type": "SaveImage", "inputs": {"images": ["f6", 0], "filename_prefix": "mixofshow_test_loaded"}},
+    }
+    entry = client.run(loaded, timeout=300)
+    images = client.images(entry)
+    assert len(images) == 1, entry.get("outputs")
+    info, png = images[0]
+    assert info["filename"].startswith("mixofshow_test_loaded") and demo.png_size(png) == (SIZE, SIZE)
+    image = pixels(png)
+    assert np.isfinite(image).all() and image.std() > 1e-3
+    # the reloaded model samples what the in-memory fused model sampled (8-bit PNGs)
+    assert np.abs(image - fused_image).max() <= 2 / 255, np.abs(image - fused_image).max()
+
+
+def demo_key(word):
+    return "mixofshow.embedding." + word
+
+
+def test_ui_workflow_is_consistent_with_the_api_workflow(run):
+    _, client, _ = run
+    ui = json.loads((WORKFLOWS / "fuse_three_concepts.json").read_text())
+    api = json.loads((WORKFLOWS / "fuse_three_concepts_api.json").read_text())
+    object_info = client.object_info()
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert ui["last_node_id"] == max(nodes) and ui["last_link_id"] == max(l[0] for l in ui["links"])
+    for link_id, origin, origin_slot, target, target_slot, kind in ui["links"]:
+        assert link_id in nodes[origin]["outputs"][origin_slot]["links"]
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+        assert object_info[nodes[origin]["type"]]["output"][origin_slot] == kind
+        assert nodes[target]["inputs"][target_slot]["type"] == kind
+    expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert ui_to_api(ui, object_info) == expected
