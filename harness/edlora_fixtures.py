@@ -6,8 +6,9 @@ from ..mixofshow_core.edlora_format import EDLoRA, LoRALayer
 
 
 def random_edlora(words, unet_shapes, text_shapes, rank=4, seed=0, name="random.safetensors",
-                  lora_scale=0.5, embedding_scale=0.02, conv_layers=()):
-    """An ED-LoRA with distinct per-layer rows for every word and LoRA on the trained layers.
+                  lora_scale=0.5, embedding_scale=0.02, conv_layers=(), text_lora_scale=None):
+    """An ED-LoRA with distinct per-layer rows for every word and LoRA on the trained layers
+    (text_lora_scale, default lora_scale: trained text-encoder LoRAs are usually much smaller).
 
     unet_shapes / text_shapes: module path -> (out, in) weight shape of the target model;
     LoRA goes on the attention linears ED-LoRA trains (plus `conv_layers` as 1x1 convs)."""
@@ -16,9 +17,9 @@ def random_edlora(words, unet_shapes, text_shapes, rank=4, seed=0, name="random.
     def randn(*shape):
         return torch.randn(shape, generator=generator)
 
-    def layer(shape, conv=False):
+    def layer(shape, conv=False, scale=lora_scale):
         out_dim, in_dim = shape[:2]
-        down, up = randn(rank, in_dim) / in_dim ** 0.5, randn(out_dim, rank) * lora_scale / rank ** 0.5
+        down, up = randn(rank, in_dim) / in_dim ** 0.5, randn(out_dim, rank) * scale / rank ** 0.5
         if conv:
             down, up = down[:, :, None, None], up[:, :, None, None]
         return LoRALayer(down, up)
@@ -29,7 +30,8 @@ def random_edlora(words, unet_shapes, text_shapes, rank=4, seed=0, name="random.
     unet = {p: layer(s) for p, s in unet_shapes.items() if p in trained}
     unet.update({p: layer(unet_shapes[p], conv=True) for p in conv_layers})
     text_trained = {p for p in sd15.text_lora_layers() if ".self_attn." in p}
-    text = {p: layer(s) for p, s in text_shapes.items() if p in text_trained}
+    text_scale = lora_scale if text_lora_scale is None else text_lora_scale
+    text = {p: layer(s, scale=text_scale) for p, s in text_shapes.items() if p in text_trained}
     return EDLoRA(embeddings, unet, text, name)
 
 

@@ -5,6 +5,7 @@ differs is wrapped here (comfyui.md §8.2).
 """
 import comfy.conds
 import comfy.ldm.modules.attention
+import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
 
@@ -46,3 +47,15 @@ def layer_grid(extra_options, num_tokens):
     if shape is not None:
         return tuple(int(s) for s in shape[2:])
     return token_grid(extra_options["original_shape"][2:], num_tokens)
+
+
+def checkpoint_state(model, clip, vae=None):
+    """Single-file checkpoint state dict of MODEL + CLIP (+ VAE) with every patch applied.
+
+    The current host needs force_patch_weights (lowvram weight functions otherwise stay unmerged)."""
+    clip_patcher = clip.load_model()
+    clip_state = clip.get_sd()
+    extra = {"force_patch_weights": True} if IS_CURRENT_HOST else {}
+    comfy.model_management.load_models_gpu([model, clip_patcher], **extra)
+    state = model.model.state_dict_for_saving(clip_state, vae.get_sd() if vae is not None else None, None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

@@ -1,0 +1,132 @@
+"""Save Fused Model / Load Fused Model: a fused model as one checkpoint that stock loaders read.
+
+The checkpoint is an ordinary SD1.5 single file (CheckpointLoaderSimple loads its weights) plus
+the concepts' layer-wise embeddings as extra tensors `mixofshow.embedding.<word>` [16, 768] and
+their order in the metadata `mixofshow.concepts`. Fusion statistics go beside it as
+<name>.fusionstats (safetensors content; the extension keeps it out of checkpoint lists).
+"""
+import json
+import os
+
+import comfy.sd
+import folder_paths
+from safetensors import safe_open
+
+from ..mixofshow_core.fusion_stats import FusionStatsError, load_fusion_stats, save_fusion_stats
+from ..mixofshow_core.safe_io import save_safetensors
+from .compat import checkpoint_state
+from .concepts import concepts_of, set_concepts
+from .layerwise import install_routing
+from .paths import file_fingerprint
+
+EMBEDDING_PREFIX = "mixofshow.embedding."
+
+
+def save_fused_checkpoint(path, model, clip, vae=None, stats=None):
+    """Writes the checkpoint (and the statistics sidecar) atomically; returns the paths."""
+    concepts = concepts_of(clip)
+    state = checkpoint_state(model, clip, vae)
+    state.update({EMBEDDING_PREFIX + w: e.float().contiguous() for w, e in concepts.embeddings})
+    metadata = {"mixofshow.concepts": json.dumps([{"word": w, "source": concepts.source_of(w)} for w in concepts.words])}
+    save_safetensors(state, path, metadata)
+    written = [path]
+    if stats is not None:
+        stats_path = stats_path_for(path)
+        save_fusion_stats(stats, stats_path)
+        written.append(stats_path)
+    return written
+
+
+def stats_path_for(checkpoint_path):
+    return os.path.splitext(checkpoint_path)[0] + ".fusionstats"
+
+
+def read_concepts(path):
+    """[(word, [16, 768]), …] in saved order, and their sources, from a fused checkpoint."""
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        if "mixofshow.concepts" not in metadata:
+            raise ValueError(f"{os.path.basename(path)}: not a fused Mix-of-Show checkpoint (no mixofshow.concepts "
+                             f"metadata); load plain checkpoints with CheckpointLoaderSimple")
+        entries = json.loads(metadata["mixofshow.concepts"])
+        keys = set(f.keys())
+        missing = [e["word"] for e in entries if EMBEDDING_PREFIX + e["word"] not in keys]
+        if missing:
+            raise ValueError(f"{os.path.basename(path)}: metadata names {missing[0]} but the file has no embedding for it")
+        return [(e["word"], f.get_tensor(EMBEDDING_PREFIX + e["word"]), e.get("source") or "fused") for e in entries]
+
+
+def load_fused_checkpoint(path):
+    """(MODEL with layer-wise routing, CLIP knowing the fused words, VAE, FusionStats or None)."""
+    concepts = read_concepts(path)
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    registry = concepts_of(clip)
+    for word, embedding, source in concepts:
+        registry = registry.with_embeddings({word: embedding}, source)
+    set_concepts(clip, registry)
+    stats = None
+    stats_path = stats_path_for(path)
+    if os.path.isfile(stats_path):
+        stats = load_fusion_stats(stats_path)
+        if stats.words != [w for w, _, _ in concepts]:
+            raise FusionStatsError(f"fusion stats {os.path.basename(stats_path)}: its concepts {stats.words} are not "
+                                   f"the checkpoint's {[w for w, _, _ in concepts]}; it belongs to another fusion")
+    return install_routing(model.clone()), clip, vae, stats
+
+
+class SaveFusedModel:
+    DESCRIPTION = ("Saves a fused model as one .safetensors checkpoint in models/checkpoints (loadable by "
+                   "CheckpointLoaderSimple; 'Load Fused Model' also restores the concept words), and its fusion "
+                   "statistics beside it (.fusionstats) so more concepts can be added later.")
+    CATEGORY = "mixofshow/fuse"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+    FUNCTION = "save"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The fused model from 'Gradient Fuse'."}),
+                "clip": ("CLIP", {"tooltip": "The fused CLIP (its concept words are saved with it)."}),
+                "vae": ("VAE", {"tooltip": "The VAE to store in the checkpoint."}),
+                "filename_prefix": ("STRING", {"default": "mixofshow_fused",
+                                               "tooltip": "Name of the checkpoint; a counter keeps older files."}),
+            },
+            "optional": {
+                "fusion_stats": ("FUSION_STATS", {"tooltip": "Statistics from 'Gradient Fuse' (gradient method)."}),
+            },
+        }
+
+    def save(self, model, clip, vae, filename_prefix, fusion_stats=None):
+        folder = folder_paths.get_folder_paths("checkpoints")[0]
+        full_folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder)
+        path = os.path.join(full_folder, f"{name}_{counter:05}_.safetensors")
+        written = save_fused_checkpoint(path, model, clip, vae, fusion_stats)
+        return {"ui": {"text": [os.path.relpath(p, folder_paths.models_dir) for p in written]}}
+
+
+class LoadFusedModel:
+    DESCRIPTION = ("Loads a checkpoint written by 'Save Fused Model': MODEL (with layer-wise routing), CLIP "
+                   "(knowing the fused concepts' words), VAE and, when saved, the fusion statistics.")
+    CATEGORY = "mixofshow/fuse"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE", "FUSION_STATS")
+    OUTPUT_TOOLTIPS = ("The fused model.", "The fused CLIP with the concept words.", "The VAE.",
+                       "Statistics to add more concepts with 'Gradient Fuse' (None when none were saved).")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"ckpt_name": (folder_paths.get_filename_list("checkpoints"),
+                                           {"tooltip": "A fused checkpoint in models/checkpoints."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, ckpt_name):
+        return file_fingerprint(folder_paths.get_full_path("checkpoints", ckpt_name))
+
+    def load(self, ckpt_name):
+        path = folder_paths.get_full_path("checkpoints", ckpt_name)
+        if path is None:
+            raise FileNotFoundError(f"ckpt_name: {ckpt_name} is not in models/checkpoints")
+        return load_fused_checkpoint(path)

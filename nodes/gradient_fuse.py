@@ -1,0 +1,367 @@
+"""Gradient Fuse: many ED-LoRAs into one model (Mix-of-Show's center-node fusion).
+
+Per fused layer W = W0 + D, with D the regularised least-squares solve of
+min_W Σ_i ‖X_i Wᵀ − X_i (W0 + ΔW_i)ᵀ‖² from Gram sums (mixofshow_core.fusion_solver). The
+stages run text encoder → cross-attention k/v → the other UNet layers, each capturing with the
+earlier fused weights (fusion_capture). Baselines: weight averaging, Custom Diffusion's
+constrained k/v merge, an orthogonal (ZipLoRA-style) merge.
+
+Every result is a ("diff", …) patch on clones. The input weights may already hold a previous
+fusion (its statistics given): they are W0 + D_old, so each patch is D − D_old.
+"""
+import torch
+
+from ..mixofshow_core.edlora_format import EDLoRA, LoRALayer
+from ..mixofshow_core.fusion_solver import GramAccumulator, LayerStats, solve
+from ..mixofshow_core.fusion_stats import FusionStats
+from ..mixofshow_core.merge_baselines import (custom_diffusion_merge, orthogonal_merge, regularization_captions,
+                                              weight_average)
+from ..mixofshow_core import sd15
+from .concepts import concepts_of, set_concepts
+from .edlora_concept import Concept
+from .fusion_capture import KV_POSITIONS, capture_spatial, capture_text_encoder, kv_inputs, valid_length
+from .layerwise import install_routing
+from .model_keys import ModelMismatchError, clip_weight_keys, require_sd15, unet_weight_keys, weight_shapes
+from .progress import Progress
+
+METHODS = ("gradient", "weight_average", "custom_diffusion", "orthogonal")
+TEXT, UNET = "text_encoder", "unet"
+REGULARIZATION_CAPTIONS = 200
+
+
+def fused_layers(concepts):
+    """{part: paths}: the union of every concept's LoRA layers, k/v separate from the rest."""
+    text = sorted({p for c in concepts for p in c.edlora.text_encoder})
+    unet = {p for c in concepts for p in c.edlora.unet}
+    kv = sorted(p for p in unet if p.endswith((".attn2.to_k", ".attn2.to_v")))
+    return {"text": text, "kv": kv, "spatial": sorted(unet - set(kv))}
+
+
+def layer_tolerance(name, tolerance, kv_positions):
+    """With the original's k/v rows (6 well-separated rows per concept) k/v layers are fitted
+    exactly with the minimum change, the solution L-BFGS from W0 converges to there; every other
+    layer, and k/v fitted on all positions (near-duplicate rows), uses the regularised rule."""
+    exact = kv_positions == "concept_and_eos" and name.endswith((".attn2.to_k", ".attn2.to_v"))
+    return 0.0 if exact else tolerance
+
+
+def alpha_of(concept, part):
+    return concept.unet_alpha if part == UNET else concept.text_encoder_alpha
+
+
+def concept_delta(concept, part, path, shape):
+    """α·ΔW_i of one layer as [out, in], zeros where the concept has no LoRA."""
+    layer = getattr(concept.edlora, part).get(path)
+    if layer is None:
+        return torch.zeros(shape[0], shape[1])
+    return layer.delta(alpha_of(concept, part)).reshape(shape[0], -1)
+
+
+def concept_stats(concept, part, path, gram):
+    """LayerStats of concept i; a concept without LoRA here still pins the layer to W0 on its rows."""
+    layer = getattr(concept.edlora, part).get(path)
+    if layer is None:
+        return None
+    return LayerStats.from_lora(gram, layer.up, layer.down, alpha_of(concept, part) * layer.scale)
+
+
+class Fusion:
+    """Weights, key maps and changes of one fusion run."""
+
+    def __init__(self, model, clip, concepts, method, previous=None, tolerance=1e-3, seed=0, progress=None,
+                 kv_positions="all"):
+        require_sd15(model, clip, what="Gradient Fuse")
+        self.model, self.clip, self.concepts, self.method = model, clip, concepts, method
+        self.previous, self.tolerance, self.seed, self.progress = previous, tolerance, seed, progress
+        self.kv_positions = previous.kv_positions if previous is not None else kv_positions
+        self.keys = {TEXT: clip_weight_keys(clip), UNET: unet_weight_keys(model)}
+        self.shapes = {TEXT: weight_shapes(clip.patcher), UNET: weight_shapes(model)}
+        self.old = {}
+        if previous is not None:
+            self.old = {name: solve(stats, layer_tolerance(name, previous.tolerance, previous.kv_positions))[0]
+                        for name, stats in previous.layers.items()}
+        self.layers = fused_layers(concepts)
+        self.stats = {}
+        self._check_layers()
+
+    def _check_layers(self):
+        for part, paths in ((TEXT, self.layers["text"]), (UNET, self.layers["kv"] + self.layers["spatial"])):
+            for path in paths:
+                key = self.keys[part].get(path)
+                if key not in self.shapes[part]:
+                    raise ModelMismatchError(f"concepts: {part} layer {path} does not exist in this model")
+                for concept in self.concepts:
+                    layer = getattr(concept.edlora, part).get(path)
+                    if layer is not None and tuple(layer.weight_shape[:2]) != self.shapes[part][key][:2]:
+                        raise ModelMismatchError(
+                            f"{concept.edlora.name}: {part} layer {path} is {list(layer.weight_shape)} in the file but "
+                            f"{list(self.shapes[part][key])} in the model; the ED-LoRA was made for another base model")
+
+    def shape(self, part, path):
+        return self.shapes[part][self.keys[part][path]]
+
+    def patches(self, part, changes):
+        """("diff", D − D_old) patches for {path: D}; D_old is what the input weights already hold."""
+        out = {}
+        for path, change in changes.items():
+            shape = self.shape(part, path)
+            old = self.old.get(f"{part}:{path}")
+            diff = change.reshape(shape).float() - (old.reshape(shape).float() if old is not None else 0.0)
+            out[self.keys[part][path]] = ("diff", (diff,))
+        return out
+
+    def patched(self, patcher, part, changes):
+        clone = patcher.clone()
+        clone.add_patches(self.patches(part, changes), 1.0)
+        return clone
+
+    def with_concept(self, patcher, concept, part, paths):
+        """A clone whose layers `paths` are W0 + α·ΔW_i of this concept."""
+        changes = {p: concept_delta(concept, part, p, self.shape(part, p)) for p in paths}
+        return self.patched(patcher, part, changes)
+
+    def solve_stage(self, part, grams_by_concept, paths, concepts=None, add_previous=True):
+        """D for every path from the captured Grams of `concepts` (default: the new ones): the
+        gradient solve (plus the previous sums when add_previous) or, for 'orthogonal', the
+        ZipLoRA-style merge of the concepts' deltas."""
+        concepts = self.concepts if concepts is None else concepts
+        changes = {}
+        for path in paths:
+            grams = [g[path] for g in grams_by_concept]
+            if self.method == "orthogonal":
+                changes[path] = self._orthogonal(part, path, grams)
+            else:
+                changes[path] = self._gradient(part, path, grams, concepts, add_previous)
+            self.progress.step()
+        return changes
+
+    def _gradient(self, part, path, grams, concepts, add_previous):
+        name = f"{part}:{path}"
+        total = self.previous.layers.get(name) if add_previous and self.previous is not None else None
+        for concept, gram in zip(concepts, grams):
+            stats = concept_stats(concept, part, path, gram)
+            if stats is None:
+                stats = LayerStats.from_concept(gram, torch.zeros(self.shape(part, path)[0], gram.d_in))
+            total = stats if total is None else total + stats
+        self.stats[name] = total
+        return solve(total, layer_tolerance(name, self.tolerance, self.kv_positions))[0]
+
+    def stored_concepts(self, clip):
+        """Stand-ins for the previously fused concepts carrying only their k/v LoRA (α folded in)."""
+        if self.previous is None:
+            return []
+        embeddings = concepts_of(clip).embedding_map()
+        stand_ins = []
+        for index, record in enumerate(self.previous.concepts):
+            unet = {path: LoRALayer(down, up) for path, (up, down) in self.previous.kv_loras.get(index, {}).items()}
+            edlora = EDLoRA({w: embeddings[w] for w in record["words"]}, unet, {}, record["name"])
+            stand_ins.append(Concept(edlora, 1.0, 1.0))
+        return stand_ins
+
+    def kv_loras(self):
+        """Every fused concept's k/v LoRA factors (α folded into up) for the saved statistics."""
+        loras = dict(self.previous.kv_loras) if self.previous is not None else {}
+        offset = len(self.previous.concepts) if self.previous is not None else 0
+        for index, concept in enumerate(self.concepts):
+            loras[offset + index] = {
+                path: (layer.up.reshape(layer.up.shape[0], -1) * (concept.unet_alpha * layer.scale),
+                       layer.down.reshape(layer.down.shape[0], -1))
+                for path, layer in concept.edlora.unet.items() if path in self.layers["kv"]}
+        return loras
+
+    def _orthogonal(self, part, path, grams):
+        shape = self.shape(part, path)
+        pairs = [(concept_delta(c, part, path, shape), g.gram) for c, g in zip(self.concepts, grams)
+                 if getattr(c.edlora, part).get(path) is not None]
+        if not pairs:
+            return torch.zeros(shape[0], shape[1])
+        # the merge learns its coefficients with autograd; ComfyUI runs nodes in inference mode,
+        # whose tensors cannot be saved for backward, hence the copies made outside it
+        with torch.inference_mode(False), torch.enable_grad():
+            deltas = [d.double().clone() for d, _ in pairs]
+            grams = [g.clone() for _, g in pairs]
+            return orthogonal_merge(deltas, grams, seed=self.seed)[0].detach().float()
+
+
+def register_concepts(clip, concepts):
+    registry = concepts_of(clip)
+    for concept in concepts:
+        registry = registry.with_embeddings(concept.edlora.embeddings, concept.edlora.name)
+    set_concepts(clip, registry)
+    return clip
+
+
+def concept_clip(clip, concept):
+    """CLIP that knows only this concept's words (the text each client's encoder sees)."""
+    clone = clip.clone()
+    set_concepts(clone, type(concepts_of(clip))())
+    return register_concepts(clone, [concept])
+
+
+def kv_grams(rows_by_layer, paths):
+    """Stage B Grams for every k/v path from per-layer rows."""
+    grams = {}
+    for path in paths:
+        gram = GramAccumulator(sd15.TEXT_DIM)
+        gram.add(rows_by_layer[sd15.cross_attention_index(path)])
+        grams[path] = gram
+    return grams
+
+
+def fuse_captured(fusion, steps, resolution):
+    """Gradient fusion (or the orthogonal merge) stage by stage on captured inputs."""
+    text_paths, kv_paths, spatial_paths = (fusion.layers[k] for k in ("text", "kv", "spatial"))
+    text_grams = []
+    for concept in fusion.concepts:
+        client = fusion.with_concept(concept_clip(fusion.clip, concept), concept, TEXT, text_paths)
+        text_grams.append(capture_text_encoder(client, concept.words, text_paths))
+        fusion.progress.step()
+    text_changes = fusion.solve_stage(TEXT, text_grams, text_paths)
+    fused_clip = register_concepts(fusion.patched(fusion.clip, TEXT, text_changes), fusion.concepts)
+
+    # k/v needs only text-encoder passes: every concept, earlier ones included, is recaptured with
+    # the new fused encoder, so adding a concept gives exactly the from-scratch k/v
+    kv_concepts = fusion.stored_concepts(fused_clip) + list(fusion.concepts)
+    kv_gram_sets = []
+    for concept in kv_concepts:
+        kv_gram_sets.append(kv_grams(kv_inputs(fused_clip, concept.words, fusion.kv_positions), kv_paths))
+        fusion.progress.step()
+    kv_changes = fusion.solve_stage(UNET, kv_gram_sets, kv_paths, kv_concepts, add_previous=False)
+    fused_kv = fusion.patched(fusion.model, UNET, kv_changes)
+
+    spatial_grams = []
+    for index, concept in enumerate(fusion.concepts):  # each concept samples its own seeded image
+        client = install_routing(fusion.with_concept(fused_kv, concept, UNET, spatial_paths))
+        seed = fusion.seed + len(fusion.previous.concepts if fusion.previous else []) + index
+        spatial_grams.append(capture_spatial(client, fused_clip, concept.words, spatial_paths, fusion.keys[UNET],
+                                             steps, resolution, seed, fusion.progress.step))
+    spatial_changes = fusion.solve_stage(UNET, spatial_grams, spatial_paths)
+    fused_model = install_routing(fusion.patched(fused_kv, UNET, spatial_changes))
+    return fused_model, fused_clip
+
+
+def averaged_changes(fusion, part, paths):
+    return {p: weight_average([concept_delta(c, part, p, fusion.shape(part, p)) for c in fusion.concepts])
+            for p in paths}
+
+
+def fuse_weight_average(fusion):
+    """FedAvg: W0 + Σ α_i ΔW_i / N on every layer."""
+    text = averaged_changes(fusion, TEXT, fusion.layers["text"])
+    unet = averaged_changes(fusion, UNET, fusion.layers["kv"] + fusion.layers["spatial"])
+    fusion.progress.step(len(text) + len(unet))
+    clip = register_concepts(fusion.patched(fusion.clip, TEXT, text), fusion.concepts)
+    return install_routing(fusion.patched(fusion.model, UNET, unet)), clip
+
+
+def caption_rows(clip, captions):
+    """Every non-BOS token up to EOS of each caption: Custom Diffusion's regulariser features."""
+    sections = [clip.tokenize(caption)["l"][0] for caption in captions]
+    out = clip.encode_from_tokens({"l": sections}).reshape(len(sections), -1, sd15.TEXT_DIM)
+    return torch.cat([out[i, 1:valid_length(chunk)] for i, chunk in enumerate(sections)]).float()
+
+
+def fuse_custom_diffusion(fusion):
+    """Custom Diffusion's constrained closed form on attn2 k/v (concept tokens map exactly to
+    their fine-tuned outputs, regulariser captions stay at W0); other layers weight-averaged."""
+    text = averaged_changes(fusion, TEXT, fusion.layers["text"])
+    clip = register_concepts(fusion.patched(fusion.clip, TEXT, text), fusion.concepts)
+    regulariser = caption_rows(clip, regularization_captions(REGULARIZATION_CAPTIONS))
+    rows = [kv_inputs(clip, concept.words, "concept_and_eos") for concept in fusion.concepts]
+    kv = {}
+    for path in fusion.layers["kv"]:
+        shape, layer = fusion.shape(UNET, path), sd15.cross_attention_index(path)
+        inputs = [r[layer].double() for r in rows]
+        targets = [x @ concept_delta(c, UNET, path, shape).double().T for x, c in zip(inputs, fusion.concepts)]
+        # with W0 = 0 the closed form returns the change D itself (it depends only on ΔW_i c)
+        kv[path] = custom_diffusion_merge(torch.zeros(shape[0], shape[1], dtype=torch.float64), inputs, targets,
+                                          regulariser.double()).float()
+        fusion.progress.step()
+    unet = {**kv, **averaged_changes(fusion, UNET, fusion.layers["spatial"])}
+    return install_routing(fusion.patched(fusion.model, UNET, unet)), clip
+
+
+def fuse(model, clip, concepts, method="gradient", capture_steps=20, capture_resolution=512, seed=0,
+         tolerance=1e-3, previous=None, kv_positions="all"):
+    """(fused MODEL, fused CLIP knowing every concept's words, FusionStats or None)."""
+    if not concepts:
+        raise ValueError("concepts: the list is empty; connect at least one 'EDLoRA Concept'")
+    if method not in METHODS:
+        raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    if kv_positions not in KV_POSITIONS:
+        raise ValueError(f"kv_positions: {kv_positions!r} is not one of {', '.join(KV_POSITIONS)}")
+    if previous is not None and method != "gradient":
+        raise ValueError(f"fusion_stats: adding concepts to saved statistics needs method 'gradient', not {method!r}")
+    register_concepts(clip.clone(), concepts)  # refuses words the CLIP already knows, before any work
+    layer_count = sum(len(p) for p in fused_layers(concepts).values())
+    captured = method in ("gradient", "orthogonal")
+    stored = len(previous.concepts) if previous is not None else 0
+    progress = Progress(layer_count + (len(concepts) * (2 + capture_steps) + stored if captured else 0))
+    fusion = Fusion(model, clip, concepts, method, previous, tolerance, seed, progress, kv_positions)
+    if captured:
+        fused_model, fused_clip = fuse_captured(fusion, capture_steps, capture_resolution)
+    elif method == "weight_average":
+        fused_model, fused_clip = fuse_weight_average(fusion)
+    else:
+        fused_model, fused_clip = fuse_custom_diffusion(fusion)
+    if method != "gradient":
+        return fused_model, fused_clip, None
+    base = previous if previous is not None else FusionStats(tolerance=tolerance, kv_positions=kv_positions)
+    stats = FusionStats(fusion.stats, base.concepts + [c.record() for c in concepts], tolerance, fusion.kv_positions,
+                        fusion.kv_loras())
+    return fused_model, fused_clip, stats
+
+
+class GradientFuse:
+    DESCRIPTION = ("Fuses several ED-LoRA concepts into one model so each keeps its identity (Mix-of-Show "
+                   "gradient fusion): per layer, the weights that best reproduce every concept's own layer "
+                   "outputs on its own inputs, solved in closed form from Gram matrices captured while the "
+                   "model runs (memory flat in the number of concepts and steps). Baselines: weight average, "
+                   "Custom Diffusion's k/v merge, orthogonal (ZipLoRA-style) merge.")
+    CATEGORY = "mixofshow/fuse"
+    RETURN_TYPES = ("MODEL", "CLIP", "FUSION_STATS")
+    OUTPUT_TOOLTIPS = ("The fused model (use it with EDLoRA Text Encode and any sampler).",
+                       "The fused CLIP, knowing every concept's words.",
+                       "Per-layer sums for adding concepts later (gradient method only; save them with "
+                       "'Save Fused Model').")
+    FUNCTION = "fuse"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The base SD1.5 model the ED-LoRAs were trained on (or a fused "
+                                               "model together with its fusion_stats)."}),
+                "clip": ("CLIP", {"tooltip": "The base model's CLIP."}),
+                "concepts": ("EDLORA_CONCEPTS", {"tooltip": "The concepts from chained 'EDLoRA Concept' nodes."}),
+                "method": (list(METHODS), {"default": "gradient",
+                                           "tooltip": "gradient: Mix-of-Show's fusion. weight_average: ΣΔW/N. "
+                                                      "custom_diffusion: constrained k/v merge. orthogonal: "
+                                                      "ZipLoRA-style column mixing."}),
+                "capture_steps": ("INT", {"default": 20, "min": 1, "max": 200,
+                                          "tooltip": "Sampling steps recorded per concept for the UNet layers."}),
+                "capture_resolution": ("INT", {"default": 512, "min": 64, "max": 2048, "step": 64,
+                                               "tooltip": "Image size of the capture sampling."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff,
+                                 "tooltip": "Seed of the capture sampling; fusion is deterministic for a seed."}),
+                "kv_positions": (list(KV_POSITIONS), {"default": "all",
+                                 "tooltip": "Which text positions the cross-attention k/v fit sees. all: every "
+                                            "position the UNet attends to (reproduces each concept far better). "
+                                            "concept_and_eos: the original's choice, only the concept tokens and "
+                                            "the end token (more room for very many concepts)."}),
+                "fusion_tolerance": ("FLOAT", {"default": 1e-3, "min": 0.0, "max": 1.0, "step": 1e-4,
+                                               "tooltip": "Regularisation: each layer keeps (1 − tolerance) of the "
+                                                          "reducible fusion objective while moving its weights as "
+                                                          "little as possible. 0 = exact least squares (can move "
+                                                          "weights wildly on rank-deficient layers)."}),
+            },
+            "optional": {
+                "fusion_stats": ("FUSION_STATS", {"tooltip": "Statistics of the fusion that produced this model "
+                                                             "('Load Fused Model'): only the new concepts are captured."}),
+            },
+        }
+
+    def fuse(self, model, clip, concepts, method, capture_steps, capture_resolution, seed, kv_positions,
+             fusion_tolerance, fusion_stats=None):
+        return fuse(model, clip, concepts, method, capture_steps, capture_resolution, seed, fusion_tolerance,
+                    fusion_stats, kv_positions)

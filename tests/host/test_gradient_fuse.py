@@ -1,0 +1,172 @@
+"""Gradient Fuse on the tiny 16-layer model: identity, baselines, incremental fusion, errors."""
+import comfy.model_management
+import comfy.sample
+import pytest
+import torch
+
+from comfyui_mixofshow.harness.edlora_fixtures import model_lora_shapes, random_edlora
+from comfyui_mixofshow.mixofshow_core.fusion_stats import FusionStatsError, load_fusion_stats, save_fusion_stats
+from comfyui_mixofshow.nodes.concepts import ConceptCollisionError, concepts_of
+from comfyui_mixofshow.nodes.edlora_concept import Concept, EDLoRAConcept, add_concept, parse_rename
+from comfyui_mixofshow.nodes.edlora_loader import apply_edlora
+from comfyui_mixofshow.nodes.edlora_text_encode import encode_layerwise
+from comfyui_mixofshow.nodes.fusion_capture import kv_inputs
+from comfyui_mixofshow.nodes.gradient_fuse import fuse
+from comfyui_mixofshow.nodes.model_keys import ModelMismatchError
+
+from . import reference
+
+CAPTURE = dict(capture_steps=2, capture_resolution=64, seed=7)
+WORDS = (["<a1>", "<a2>"], ["<b1>", "<b2>"], ["<c1>", "<c2>"])
+
+
+@pytest.fixture
+def concepts(model, clip):
+    unet_shapes, text_shapes = model_lora_shapes(model, clip)
+    return [Concept(random_edlora(words, unet_shapes, text_shapes, seed=20 + i, embedding_scale=0.3,
+                                  text_lora_scale=0.05, name=f"concept{i}.safetensors"), 1.0, 1.0)
+            for i, words in enumerate(WORDS)]
+
+
+def weights(patcher):
+    comfy.model_management.load_models_gpu([patcher])
+    return {k: v.clone() for k, v in patcher.model.state_dict().items()}
+
+
+def capture_sample(model, clip, words, index=0):
+    """The sampling run fusion records for concept `index` (its prompt, seed + index, steps, size,
+    no CFG): the inputs on which gradient fusion promises each concept its own layer outputs."""
+    cond = encode_layerwise(clip, f"photo of a {' '.join(words)}")
+    size, seed = CAPTURE["capture_resolution"] // 8, CAPTURE["seed"] + index
+    noise = comfy.sample.prepare_noise(torch.zeros(1, 4, size, size), seed)
+    return comfy.sample.sample(model, noise, CAPTURE["capture_steps"], 1.0, "dpmpp_2m", "normal", cond, cond,
+                               torch.zeros_like(noise), seed=seed, disable_pbar=True)
+
+
+def relative_error(a, b, base):
+    return float((a - b).norm() / (b - base).norm())
+
+
+def test_single_concept_fusion_reproduces_that_concepts_outputs(model, clip, concepts):
+    single_model, single_clip = apply_edlora(model, clip, concepts[0].edlora, 1.0, 1.0)
+    fused_model, fused_clip, stats = fuse(model, clip, concepts[:1], "gradient", tolerance=1e-6, **CAPTURE)
+    assert concepts_of(fused_clip).words == WORDS[0]
+    # k/v: the fused layers map the concept's own token features like W0 + ΔW (plain torch reference)
+    base, fused = reference.base_state(model.model), weights(fused_model)
+    rows = kv_inputs(fused_clip, WORDS[0])  # the token features the fused k/v layers see
+    key = "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+    delta = concepts[0].edlora.unet["mid_block.attentions.0.transformer_blocks.0.attn2.to_k"].delta(1.0)
+    target = rows[6] @ (base[key] + delta).T
+    # tolerance τ bounds the squared objective, so the relative output error is about √τ = 1e-3
+    assert relative_error(rows[6] @ fused[key].T, target, rows[6] @ base[key].T) < 2e-3
+    # the whole sampling run on the concept's own prompt, relative to what the concept changes
+    plain = capture_sample(model, clip, [])
+    expected = capture_sample(single_model, single_clip, WORDS[0])
+    assert relative_error(capture_sample(fused_model, fused_clip, WORDS[0]), expected, plain) < 1e-2
+    assert len(stats.layers) == 8 + 32 + 96 and stats.words == WORDS[0]
+
+
+def test_gradient_fusion_keeps_identities_better_than_weight_average(model, clip, concepts):
+    gradient = fuse(model, clip, concepts[:2], "gradient", **CAPTURE)
+    average = fuse(model, clip, concepts[:2], "weight_average", **CAPTURE)
+    for index, concept in enumerate(concepts[:2]):
+        single_model, single_clip = apply_edlora(model, clip, concept.edlora, 1.0, 1.0)
+        expected = capture_sample(single_model, single_clip, concept.words, index)
+        plain = capture_sample(model, clip, [], index)
+        error_gradient = relative_error(capture_sample(*gradient[:2], concept.words, index), expected, plain)
+        error_average = relative_error(capture_sample(*average[:2], concept.words, index), expected, plain)
+        assert error_gradient < 0.75 * error_average, (error_gradient, error_average)
+
+
+def test_adding_a_concept_to_saved_statistics_matches_fusing_all_from_scratch(tmp_path, model, clip, concepts):
+    first_model, first_clip, first_stats = fuse(model, clip, concepts[:2], "gradient", **CAPTURE)
+    save_fusion_stats(first_stats, str(tmp_path / "two.fusionstats"))
+    reloaded = load_fusion_stats(str(tmp_path / "two.fusionstats"))
+    added_model, added_clip, added_stats = fuse(first_model, first_clip, concepts[2:], "gradient",
+                                                previous=reloaded, **CAPTURE)
+    scratch_model, scratch_clip, _ = fuse(model, clip, concepts, "gradient", **CAPTURE)
+    assert concepts_of(added_clip).words == concepts_of(scratch_clip).words == sum(WORDS, [])
+    assert added_stats.words == sum(WORDS, [])
+    base = reference.base_state(model.model)
+    added, scratch = weights(added_model), weights(scratch_model)
+    changed = [k for k in base if not torch.equal(base[k], scratch[k])]
+    assert len(changed) == 32 + 96
+    kv_keys = [k for k in changed if ".attn2.to_k" in k or ".attn2.to_v" in k]
+    # text encoder and k/v are recomputed exactly; the other UNet layers reuse the earlier
+    # concepts' captures, taken with the earlier fused encoder and k/v (the price of capturing
+    # only the new concept)
+    assert stage_difference(added, scratch, base, kv_keys) < 1e-3
+    assert stage_difference(added, scratch, base, [k for k in changed if k not in kv_keys]) < 0.25
+    text_base, text_added, text_scratch = (reference.base_state(clip.cond_stage_model), weights(added_clip.patcher),
+                                           weights(scratch_clip.patcher))
+    text_keys = [k for k in text_base if not torch.equal(text_base[k], text_scratch[k])]
+    assert len(text_keys) == 8
+    assert stage_difference(text_added, text_scratch, text_base, text_keys) < 1e-3
+    for index, concept in enumerate(concepts):
+        plain = capture_sample(model, clip, [], index)
+        assert relative_error(capture_sample(added_model, added_clip, concept.words, index),
+                              capture_sample(scratch_model, scratch_clip, concept.words, index), plain) < 0.25
+
+
+def stage_difference(added, scratch, base, keys):
+    """‖changes(incremental) − changes(scratch)‖ / ‖changes(scratch)‖ over a set of layers."""
+    difference = sum(float((added[k].double() - scratch[k].double()).square().sum()) for k in keys)
+    change = sum(float((scratch[k].double() - base[k].double()).square().sum()) for k in keys)
+    return (difference / change) ** 0.5
+
+
+def test_fusion_is_deterministic_for_a_seed(model, clip, concepts):
+    quick = dict(CAPTURE, capture_steps=1, kv_positions="concept_and_eos")
+    one = weights(fuse(model, clip, concepts[:1], "gradient", **quick)[0])
+    two = weights(fuse(model, clip, concepts[:1], "gradient", **quick)[0])
+    other_seed = weights(fuse(model, clip, concepts[:1], "gradient", **dict(quick, seed=8))[0])
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert not all(torch.equal(one[k], other_seed[k]) for k in one)
+
+
+@pytest.mark.parametrize("method", ["custom_diffusion", "orthogonal"])
+def test_baselines_fuse_and_register_every_concept(model, clip, concepts, method):
+    fused_model, fused_clip, stats = fuse(model, clip, concepts[:2], method, **dict(CAPTURE, capture_steps=1))
+    assert stats is None and concepts_of(fused_clip).words == WORDS[0] + WORDS[1]
+    assert torch.isfinite(capture_sample(fused_model, fused_clip, WORDS[1])).all()
+
+
+def test_custom_diffusion_maps_concept_tokens_to_their_fine_tuned_outputs(model, clip, concepts):
+    fused_model, fused_clip, _ = fuse(model, clip, concepts[:2], "custom_diffusion", **CAPTURE)
+    base, fused = reference.base_state(model.model), weights(fused_model)
+    key = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_v.weight"
+    for concept in concepts[:2]:
+        rows = kv_inputs(fused_clip, concept.words, "concept_and_eos")[2]  # the rows it constrains
+        delta = concept.edlora.unet["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v"].delta(1.0)
+        assert relative_error(rows @ fused[key].T, rows @ (base[key] + delta).T, rows @ base[key].T) < 1e-2
+
+
+def test_errors_are_clear(tmp_path, model, clip, concepts):
+    with pytest.raises(ValueError, match="concepts: the list is empty"):
+        fuse(model, clip, [], "gradient", **CAPTURE)
+    with pytest.raises(ConceptCollisionError, match="word <a1> is already used by concept0.safetensors"):
+        add_concept(add_concept([], concepts[0]), concepts[0])
+    unet_shapes, text_shapes = model_lora_shapes(model, clip)
+    wide = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (320, 320)}
+    other = Concept(random_edlora(["<z1>"], wide, text_shapes, name="real_sd15.pth"), 1.0, 1.0)
+    with pytest.raises(ModelMismatchError, match=r"real_sd15.pth: unet layer .* is \[320, 320\] in the file"):
+        fuse(model, clip, [other], "gradient", **CAPTURE)
+    _, known_clip = apply_edlora(model, clip, concepts[0].edlora, 1.0, 1.0)
+    with pytest.raises(ConceptCollisionError, match="word <a1> is already provided"):
+        fuse(model, known_clip, concepts[:1], "weight_average", **CAPTURE)
+    (tmp_path / "bad.fusionstats").write_bytes(b"\x10\x00\x00\x00garbage")
+    with pytest.raises(FusionStatsError, match="bad.fusionstats"):
+        load_fusion_stats(str(tmp_path / "bad.fusionstats"))
+    with pytest.raises(ValueError, match="needs method 'gradient'"):
+        fuse(model, clip, concepts[:1], "orthogonal", previous=object(), **CAPTURE)
+
+
+def test_rename_gives_a_colliding_concept_new_words(concepts):
+    renamed = concepts[0].edlora.renamed(parse_rename("<a1>=<d1>, <a2> = <d2>", concepts[0].words, "x"))
+    both = add_concept(add_concept([], concepts[0]), Concept(renamed, 1.0, 1.0))
+    assert [c.words for c in both] == [WORDS[0], ["<d1>", "<d2>"]]
+    with pytest.raises(ValueError, match="rename: x has no word <q1>"):
+        parse_rename("<q1>=<r1>", concepts[0].words, "x")
+    with pytest.raises(ValueError, match="must look like <old>=<new>"):
+        parse_rename("a1=b1", concepts[0].words, "x")
+    assert "rename" in EDLoRAConcept.INPUT_TYPES()["required"]
