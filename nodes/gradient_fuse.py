@@ -120,31 +120,27 @@ class Fusion:
         changes = {p: concept_delta(concept, part, p, self.shape(part, p)) for p in paths}
         return self.patched(patcher, part, changes)
 
-    def solve_stage(self, part, grams_by_concept, paths, concepts=None, add_previous=True):
-        """D for every path from the captured Grams of `concepts` (default: the new ones): the
-        gradient solve (plus the previous sums when add_previous) or, for 'orthogonal', the
-        ZipLoRA-style merge of the concepts' deltas."""
-        concepts = self.concepts if concepts is None else concepts
-        changes = {}
-        for path in paths:
-            grams = [g[path] for g in grams_by_concept]
-            if self.method == "orthogonal":
-                changes[path] = self._orthogonal(part, path, grams)
-            else:
-                changes[path] = self._gradient(part, path, grams, concepts, add_previous)
-            self.progress.step()
-        return changes
+    def stage(self, part, paths, add_previous=True):
+        return Stage(self, part, paths, add_previous)
 
-    def _gradient(self, part, path, grams, concepts, add_previous):
-        name = f"{part}:{path}"
-        total = self.previous.layers.get(name) if add_previous and self.previous is not None else None
-        for concept, gram in zip(concepts, grams):
-            stats = concept_stats(concept, part, path, gram)
-            if stats is None:
-                stats = LayerStats.from_concept(gram, torch.zeros(self.shape(part, path)[0], gram.d_in))
-            total = stats if total is None else total + stats
-        self.stats[name] = total
-        return solve(total, layer_tolerance(name, self.tolerance, self.kv_positions))[0]
+    def layer_stats(self, concept, part, path, gram):
+        stats = concept_stats(concept, part, path, gram)
+        if stats is None:
+            stats = LayerStats.from_concept(gram, torch.zeros(self.shape(part, path)[0], gram.d_in))
+        return stats
+
+    def orthogonal(self, part, path, captured):
+        shape = self.shape(part, path)
+        pairs = [(concept_delta(c, part, path, shape), grams[path].gram) for c, grams in captured
+                 if getattr(c.edlora, part).get(path) is not None]
+        if not pairs:
+            return torch.zeros(shape[0], shape[1])
+        # the merge learns its coefficients with autograd; ComfyUI runs nodes in inference mode,
+        # whose tensors cannot be saved for backward, hence the copies made outside it
+        with torch.inference_mode(False), torch.enable_grad():
+            deltas = [d.double().clone() for d, _ in pairs]
+            grams = [g.clone() for _, g in pairs]
+            return orthogonal_merge(deltas, grams, seed=self.seed)[0].detach().float()
 
     def stored_concepts(self, clip):
         """Stand-ins for the previously fused concepts carrying only their k/v LoRA (α folded in)."""
@@ -169,18 +165,38 @@ class Fusion:
                 for path, layer in concept.edlora.unet.items() if path in self.layers["kv"]}
         return loras
 
-    def _orthogonal(self, part, path, grams):
-        shape = self.shape(part, path)
-        pairs = [(concept_delta(c, part, path, shape), g.gram) for c, g in zip(self.concepts, grams)
-                 if getattr(c.edlora, part).get(path) is not None]
-        if not pairs:
-            return torch.zeros(shape[0], shape[1])
-        # the merge learns its coefficients with autograd; ComfyUI runs nodes in inference mode,
-        # whose tensors cannot be saved for backward, hence the copies made outside it
-        with torch.inference_mode(False), torch.enable_grad():
-            deltas = [d.double().clone() for d, _ in pairs]
-            grams = [g.clone() for _, g in pairs]
-            return orthogonal_merge(deltas, grams, seed=self.seed)[0].detach().float()
+
+class Stage:
+    """One stage's statistics. The gradient method folds each concept's Grams into the per-layer
+    sums as soon as they are captured, so memory stays flat in the number of concepts; the
+    orthogonal merge needs every concept's Gram and keeps them."""
+
+    def __init__(self, fusion, part, paths, add_previous):
+        self.fusion, self.part, self.paths = fusion, part, paths
+        previous = fusion.previous.layers if add_previous and fusion.previous is not None else {}
+        self.totals = {p: previous.get(f"{part}:{p}") for p in paths}
+        self.captured = []
+
+    def add(self, concept, grams):
+        if self.fusion.method == "orthogonal":
+            self.captured.append((concept, grams))
+            return
+        for path in self.paths:
+            stats = self.fusion.layer_stats(concept, self.part, path, grams[path])
+            self.totals[path] = stats if self.totals[path] is None else self.totals[path] + stats
+
+    def solve(self):
+        """D for every path: the regularised least-squares solve, or the orthogonal merge."""
+        fusion, changes = self.fusion, {}
+        for path in self.paths:
+            name = f"{self.part}:{path}"
+            if fusion.method == "orthogonal":
+                changes[path] = fusion.orthogonal(self.part, path, self.captured)
+            else:
+                fusion.stats[name] = self.totals[path]
+                changes[path] = solve(self.totals[path], layer_tolerance(name, fusion.tolerance, fusion.kv_positions))[0]
+            fusion.progress.step()
+        return changes
 
 
 def register_concepts(clip, concepts):
@@ -211,31 +227,30 @@ def kv_grams(rows_by_layer, paths):
 def fuse_captured(fusion, steps, resolution):
     """Gradient fusion (or the orthogonal merge) stage by stage on captured inputs."""
     text_paths, kv_paths, spatial_paths = (fusion.layers[k] for k in ("text", "kv", "spatial"))
-    text_grams = []
+    text = fusion.stage(TEXT, text_paths)
     for concept in fusion.concepts:
         client = fusion.with_concept(concept_clip(fusion.clip, concept), concept, TEXT, text_paths)
-        text_grams.append(capture_text_encoder(client, concept.words, text_paths))
+        text.add(concept, capture_text_encoder(client, concept.words, text_paths))
         fusion.progress.step()
-    text_changes = fusion.solve_stage(TEXT, text_grams, text_paths)
+    text_changes = text.solve()
     fused_clip = register_concepts(fusion.patched(fusion.clip, TEXT, text_changes), fusion.concepts)
 
     # k/v needs only text-encoder passes: every concept, earlier ones included, is recaptured with
     # the new fused encoder, so adding a concept gives exactly the from-scratch k/v
-    kv_concepts = fusion.stored_concepts(fused_clip) + list(fusion.concepts)
-    kv_gram_sets = []
-    for concept in kv_concepts:
-        kv_gram_sets.append(kv_grams(kv_inputs(fused_clip, concept.words, fusion.kv_positions), kv_paths))
+    kv = fusion.stage(UNET, kv_paths, add_previous=False)
+    for concept in fusion.stored_concepts(fused_clip) + list(fusion.concepts):
+        kv.add(concept, kv_grams(kv_inputs(fused_clip, concept.words, fusion.kv_positions), kv_paths))
         fusion.progress.step()
-    kv_changes = fusion.solve_stage(UNET, kv_gram_sets, kv_paths, kv_concepts, add_previous=False)
+    kv_changes = kv.solve()
     fused_kv = fusion.patched(fusion.model, UNET, kv_changes)
 
-    spatial_grams = []
+    spatial = fusion.stage(UNET, spatial_paths)
     for index, concept in enumerate(fusion.concepts):  # each concept samples its own seeded image
         client = install_routing(fusion.with_concept(fused_kv, concept, UNET, spatial_paths))
         seed = fusion.seed + len(fusion.previous.concepts if fusion.previous else []) + index
-        spatial_grams.append(capture_spatial(client, fused_clip, concept.words, spatial_paths, fusion.keys[UNET],
+        spatial.add(concept, capture_spatial(client, fused_clip, concept.words, spatial_paths, fusion.keys[UNET],
                                              steps, resolution, seed, fusion.progress.step))
-    spatial_changes = fusion.solve_stage(UNET, spatial_grams, spatial_paths)
+    spatial_changes = spatial.solve()
     fused_model = install_routing(fusion.patched(fused_kv, UNET, spatial_changes))
     return fused_model, fused_clip
 
