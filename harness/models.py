@@ -69,11 +69,16 @@ def _clip_target(config_path):
     return Target
 
 
-def tiny_model(seed=0):
-    """MODEL: a ModelPatcher over a 32-channel SD1.5-topology UNet with 768-wide context."""
+def unet_model(config, seed=0):
+    """MODEL: a ModelPatcher over a seeded SD1.5-topology UNet of `config` (TINY_UNET, CHECKPOINT_UNET)."""
     import comfy.model_patcher
     cpu = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(_unet(TINY_UNET, seed), load_device=cpu, offload_device=cpu)
+    return comfy.model_patcher.ModelPatcher(_unet(config, seed), load_device=cpu, offload_device=cpu)
+
+
+def tiny_model(seed=0):
+    """MODEL: a ModelPatcher over a 32-channel SD1.5-topology UNet with 768-wide context."""
+    return unet_model(TINY_UNET, seed)
 
 
 def tiny_clip(seed=1):
@@ -131,4 +136,26 @@ def write_t2i_adapter(path, seed=3, channel=32, image_channels=3):
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_file(t2i_adapter_state(seed, channel, image_channels), path)
+    return path
+
+
+def controlnet_state(seed=4, config=CHECKPOINT_UNET, hint_channels=3):
+    """A seeded ControlNet (ldm layout, as ControlNetLoader reads it) for a UNet of `config`.
+
+    ComfyUI's T2I-Adapter loader only builds adapters of widths [c, 2c, 4c, 4c], which a UNet
+    with 320 channels at every level (CHECKPOINT_UNET) cannot take; a ControlNet is built from
+    the UNet's own config, so it fits, and goes through the same ControlNetLoader /
+    ControlNetApplyAdvanced nodes."""
+    import comfy.cldm.cldm
+    unet_config = {k: v for k, v in config.items() if k != "out_channels"}
+    controlnet = comfy.cldm.cldm.ControlNet(**unet_config, hint_channels=hint_channels, num_heads=8)
+    return seeded_state(controlnet.state_dict(), seed)
+
+
+def write_controlnet(path, seed=4, config=CHECKPOINT_UNET, hint_channels=3):
+    """Writes a fp16 ControlNet file that ComfyUI's ControlNetLoader loads."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    state = controlnet_state(seed, config, hint_channels)
+    save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in state.items()}, path)
     return path

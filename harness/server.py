@@ -141,6 +141,21 @@ class ComfyClient:
     def interrupt(self):
         self._request("/interrupt", {}, method="POST")
 
+    def upload_image(self, path, overwrite=True):
+        """POSTs an image file to /upload/image (into the input folder, as the UI's upload button
+        does); returns the name a LoadImage node refers to it by."""
+        path = Path(path)
+        boundary = uuid.uuid4().hex
+        fields = [f'Content-Disposition: form-data; name="overwrite"\r\n\r\n{str(overwrite).lower()}'.encode(),
+                  f'Content-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+                  f'Content-Type: application/octet-stream\r\n\r\n'.encode() + path.read_bytes()]
+        body = b"".join(b"--" + boundary.encode() + b"\r\n" + field + b"\r\n" for field in fields)
+        request = urllib.request.Request(self.url + "/upload/image", data=body + f"--{boundary}--\r\n".encode(),
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            answer = json.loads(response.read())
+        return f"{answer['subfolder']}/{answer['name']}" if answer.get("subfolder") else answer["name"]
+
 
 def execution_errors(entry):
     """The execution_error messages of a history entry, as readable text."""
