@@ -281,13 +281,20 @@ def combine_region_outputs(global_out, region_outs, weights):
         raise RegionError(f"weights: must be non-negative, got minimum {weights.min().item():g}")
     weights = weights.reshape(num_regions, num_tokens)
 
-    total = weights.sum(0)
-    coverage = total.clamp(max=1)
-    # each region's share of the output: w_r * min(s, 1) / s
-    shares = weights * torch.where(total > 0, coverage / total.clamp(min=1e-12), torch.zeros_like(total))
+    shares, coverage = region_shares(weights)
     regional = torch.einsum("rn,rbnc->bnc", shares.to(global_out.dtype), region_outs.to(global_out.dtype))
     mixed = global_out * (1 - coverage).to(global_out.dtype)[None, :, None] + regional
-    return torch.where((total > 0)[None, :, None], mixed, global_out)
+    return torch.where((coverage > 0)[None, :, None], mixed, global_out)
+
+
+def region_shares(weights):
+    """(shares [R, N], coverage [N]) of non-negative region weights [R, N], as combine_region_outputs
+    uses them: out = g * (1 - coverage) + sum_r shares_r * o_r, with coverage = min(s, 1) and
+    shares_r = w_r * min(s, 1) / s (0 where s = 0) for s = sum_r w_r."""
+    total = weights.sum(0)
+    coverage = total.clamp(max=1)
+    shares = weights * torch.where(total > 0, coverage / total.clamp(min=1e-12), torch.zeros_like(total))
+    return shares, coverage
 
 
 def adapter_weight_map(global_weight, region_weights_list, h, w):

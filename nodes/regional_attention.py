@@ -15,8 +15,7 @@ import math
 import comfy.utils
 import torch
 
-from ..mixofshow_core.regions import (RegionError, adapter_weight_map, combine_region_outputs,
-                                      region_weights)
+from ..mixofshow_core.regions import RegionError, adapter_weight_map, region_shares, region_weights
 from .compat import Cond, cross_attention, layer_grid
 from .layerwise import UnroutedConditioningError, add_route
 
@@ -56,12 +55,12 @@ class RegionLayout:
     def __len__(self):
         return len(self.areas)
 
-    def weights(self, latent_hw, h, w, device):
-        """[R, h*w] region weights on an h x w token grid of a latent of size latent_hw."""
+    def grid(self, latent_hw, h, w, device):
+        """The RegionGrid of an h x w token grid of a latent of size latent_hw."""
         key = (tuple(int(s) for s in latent_hw), h, w, device)
         if key not in self._grids:
             self.check_latent(key[0])
-            self._grids[key] = region_weights(self.areas, h, w).reshape(len(self), h * w).to(device)
+            self._grids[key] = RegionGrid(region_weights(self.areas, h, w).reshape(len(self), h * w).to(device))
         return self._grids[key]
 
     def check_latent(self, latent_hw):
@@ -87,6 +86,27 @@ class RegionLayout:
         if (h, w) not in self._adapter_maps:
             self._adapter_maps[h, w] = adapter_weight_map(1.0, list(zip(self.areas, self.adapter_weights)), h, w)
         return self._adapter_maps[h, w]
+
+
+class RegionGrid:
+    """The regions on one token grid, from their weights [R, N]: each region's support (the
+    tokens it weights, as indices) with their shares of the output, and the global output's
+    factor per token (combine_region_outputs' rule, evaluated on the supports only)."""
+
+    def __init__(self, weights):
+        shares, coverage = region_shares(weights)
+        self.global_factor = (1 - coverage)[None, :, None]
+        supports = [torch.nonzero(w > 0).flatten() for w in weights]
+        # (region number, token indices, shares [1, n, 1]) of the regions present on this grid
+        self.parts = [(r, tokens, shares[r, tokens][None, :, None])
+                      for r, tokens in enumerate(supports) if tokens.numel()]
+
+    def mix(self, global_out, region_outs):
+        """global_out [B, N, C] with each part's region output [B, n, C] mixed in on its support."""
+        out = global_out * self.global_factor.to(global_out.dtype)
+        for (_, tokens, shares), region_out in zip(self.parts, region_outs):
+            out.index_add_(1, tokens, region_out * shares.to(region_out.dtype))
+        return out
 
 
 def tokens_concatenable(a, b):
@@ -166,10 +186,10 @@ class RegionalAttention:
     """attn2 replace patch of one cross-attention block.
 
     The global output is the usual attention (or the block's previous replace patch). With
-    region data in the call, each region's output is the attention of all queries to that
-    region's layer-l encoding, projected with this block's own to_k/to_v (so LoRA and fused
-    weights apply), and combine_region_outputs mixes them in: replaced inside a region,
-    averaged where regions overlap, global outside; soft masks act as weights."""
+    region data in the call, each region's output is the attention of the queries it covers to
+    that region's layer-l encoding, projected with this block's own to_k/to_v (so LoRA and
+    fused weights apply), and RegionGrid mixes them in (combine_region_outputs' rule): replaced
+    inside a region, averaged where regions overlap, global outside; soft masks act as weights."""
 
     def __init__(self, attn2, previous=None):
         self.attn2 = attn2
@@ -188,13 +208,14 @@ class RegionalAttention:
         if batch is None:
             return out
         contexts = self.layer_contexts(batch.contexts, extra_options["transformer_index"], q)
-        num_regions = len(batch.layout)
         h, w = layer_grid(extra_options, q.shape[1])
-        weights = batch.layout.weights(extra_options["original_shape"][2:], h, w, q.device)
-        # all regions in one kernel call: rows are region-major, [R * B, N, C]
-        region_out = cross_attention(q.repeat(num_regions, 1, 1), self.attn2.to_k(contexts),
-                                     self.attn2.to_v(contexts), heads, extra_options)
-        return combine_region_outputs(out, region_out.view(num_regions, *out.shape), weights)
+        grid = batch.layout.grid(extra_options["original_shape"][2:], h, w, q.device)
+        # rows are region-major: region r's keys for the batch are keys[r], [B, T, C]
+        keys = self.attn2.to_k(contexts).unflatten(0, (len(batch.layout), -1))
+        values = self.attn2.to_v(contexts).unflatten(0, (len(batch.layout), -1))
+        region_outs = [cross_attention(q[:, tokens], keys[r], values[r], heads, extra_options)
+                       for r, tokens, _ in grid.parts]
+        return grid.mix(out, region_outs)
 
     @staticmethod
     def layer_contexts(contexts, layer, q):
