@@ -9,7 +9,9 @@ regulariser on) on generated images, batch 1. The full-size model has SD1.5's UN
 (320/640/1280 channels, 16 transformer blocks) and 12-layer CLIP-L; the VAE is TAESD in both
 (it only encodes the batch). Peak memory is what the training steps add on top of the loaded
 models, warm-up step included: on CUDA torch's peak allocation, on the CPU the peak resident
-set (reset before the steps via /proc/self/clear_refs). --quick: tiny model only, one timed step.
+set (reset before the steps via /proc/self/clear_refs). Times are medians of wall-clock and of
+process CPU time (all threads); on a shared machine the CPU time is the steadier figure.
+--quick: tiny model only, one timed step.
 """
 import argparse
 import importlib.util
@@ -109,15 +111,16 @@ def measure(model, clip, vae, samples, resolution, checkpointing, steps):
         with host_training(model, clip, vae, samples, config, tables, 4, checkpointing) as training:
             base, peak_known = memory_now(), reset_peak()
             training.train_step()  # warm-up, inside the peak: later steps reuse its allocations
-            times = []
+            wall, cpu = [], []
             for _ in range(steps):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 training.train_step()
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
+                wall.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
             added = (peak_memory() - base) / 2 ** 20 if peak_known else float("nan")
-            return statistics.median(times), added, peak_memory() / 2 ** 20
+            return statistics.median(wall), statistics.median(cpu), added, peak_memory() / 2 ** 20
 
 
 def main():
@@ -139,16 +142,16 @@ def main():
             model, clip = make_model(), make_clip()
             samples = load_dataset(write_images(folder, resolution), "<TOK>", resolution)
             for checkpointing in (False, True):
-                seconds, added, peak = measure(model, clip, vae, samples, resolution, checkpointing, steps)
-                rows.append((label, resolution, "on" if checkpointing else "off", seconds, added, peak))
-                print(f"  measured {label} {resolution}px checkpointing={checkpointing}: {seconds:.2f} s/step", flush=True)
+                wall, cpu, added, peak = measure(model, clip, vae, samples, resolution, checkpointing, steps)
+                rows.append((label, resolution, "on" if checkpointing else "off", wall, cpu, added, peak))
+                print(f"  measured {label} {resolution}px checkpointing={checkpointing}: {wall:.2f} s/step", flush=True)
             del model, clip
-    header = ("model", "px", "grad ckpt", "s/step", "step peak MiB", "process peak MiB")
+    header = ("model", "px", "grad ckpt", "s/step (wall)", "CPU s/step", "step peak MiB", "process peak MiB")
     print()
     print(" | ".join(header))
     print(" | ".join("---" for _ in header))
-    for label, resolution, checkpointing, seconds, added, peak in rows:
-        print(f"{label} | {resolution} | {checkpointing} | {seconds:.2f} | {added:.0f} | {peak:.0f}")
+    for label, resolution, checkpointing, wall, cpu, added, peak in rows:
+        print(f"{label} | {resolution} | {checkpointing} | {wall:.2f} | {cpu:.2f} | {added:.0f} | {peak:.0f}")
 
 
 if __name__ == "__main__":

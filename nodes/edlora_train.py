@@ -159,6 +159,7 @@ def noise_schedule(model):
 def host_training(model, clip, vae, samples, config, tables, rank, gradient_checkpointing):
     """An EDLoRATraining on private copies of the host's UNet and text encoder, with LoRA on
     exactly the layers the original trains; all hooks are removed on exit."""
+    schedule = noise_schedule(model)
     device = comfy.model_management.get_torch_device()
     dtype = torch.float32 if config.mixed_precision == "no" else None
     comfy.model_management.load_models_gpu([model])
@@ -174,7 +175,7 @@ def host_training(model, clip, vae, samples, config, tables, rank, gradient_chec
         encode_images=vae_encoder(vae, model, device),
         encode_text=lambda prompts, t: encode_captions(clip, text, prompts, t, config.words),
         predict=lambda x, timesteps, contexts: unet_forward(unet, x, timesteps, contexts),
-        schedule=noise_schedule(model), probe=probe)
+        schedule=schedule, probe=probe)
     training = EDLoRATraining(config, samples, tables, text_adapters, unet_adapters, callables, device)
     norms = [m for m in list(unet.modules()) + list(text.modules()) if isinstance(m, torch.nn.LayerNorm)]
     blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
