@@ -6,7 +6,6 @@ One server per module, in a temporary run folder, with the demo checkpoint and d
 import argparse
 import io
 import json
-import os
 
 import numpy as np
 import pytest
