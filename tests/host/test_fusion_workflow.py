@@ -17,12 +17,11 @@ import pytest
 from safetensors import safe_open
 
 from comfyui_mixofshow.harness import demo
-from comfyui_mixofshow.harness import server as harness_server
 from comfyui_mixofshow.mixofshow_core.fusion_stats import load_fusion_stats
 
-from .test_server_api import pixels, ui_to_api
+from .server_runs import (assert_ui_matches_api, checked_pixels, only_image, prepared_server, run_image, running,
+                          workflow_pair)
 
-WORKFLOWS = harness_server.ROOT / "workflows"
 SIZE, STEPS = 64, 2
 WORDS = ["<cat1>", "<cat2>", "<dog1>", "<dog2>"]
 PREFIX = "mixofshow_test_fused"
@@ -33,16 +32,13 @@ PROMPT = "a photo of <cat1> <cat2> and <dog1> <dog2> in a garden"
 def run(tmp_path_factory):
     """(server, client, ED-LoRA names): a server in a temporary run folder."""
     checkpoint, cat = demo.ensure_demo_models()  # cached in .host/run, shared with the demo
-    server = harness_server.Server(tmp_path_factory.mktemp("comfy-fusion"), cpu=True).prepare()
-    (server.models_dir("checkpoints") / checkpoint.name).symlink_to(checkpoint)
-    (server.models_dir("edlora") / cat.name).symlink_to(cat)
+    server = prepared_server(tmp_path_factory.mktemp("comfy-fusion"), [("checkpoints", checkpoint), ("edlora", cat)])
     names = [cat.name] + [demo.write_demo_concept(cat, name, seed, server.models_dir("edlora")).name
                           for name, seed in demo.DEMO_CONCEPTS]
-    server.start(timeout=90)
     try:
-        yield server, server.client(timeout=60), names
+        with running(server) as client:
+            yield server, client, names
     finally:
-        server.stop()
         for path in (demo.host_models_dir(server) / "checkpoints").glob(f"{PREFIX}_*_.*"):
             path.unlink()
 
@@ -74,12 +70,9 @@ def test_fusion_workflow_saves_a_checkpoint_that_loads(run):
     server, client, names = run
     graph = fusion_graph(names)
     entry = client.run(graph, timeout=600)
-    images = client.images(entry)
-    assert len(images) == 1, entry.get("outputs")
-    info, png = images[0]
-    assert info["filename"].startswith(PREFIX) and demo.png_size(png) == (SIZE, SIZE)
-    fused_image = pixels(png)
-    assert np.isfinite(fused_image).all() and fused_image.std() > 1e-3, "image is constant (NaN decodes to black)"
+    info, png = only_image(client, entry)
+    assert info["filename"].startswith(PREFIX)
+    fused_image = checked_pixels(png, (SIZE, SIZE))
 
     saved = demo.saved_checkpoints(entry, graph)
     assert len(saved) == 2, saved
@@ -114,13 +107,9 @@ def test_fusion_workflow_saves_a_checkpoint_that_loads(run):
         "f6": {"class_type": "VAEDecode", "inputs": {"samples": ["f5", 0], "vae": ["f1", 2]}},
         "f7": {"class_type": "SaveImage", "inputs": {"images": ["f6", 0], "filename_prefix": "mixofshow_test_loaded"}},
     }
-    entry = client.run(loaded, timeout=300)
-    images = client.images(entry)
-    assert len(images) == 1, entry.get("outputs")
-    info, png = images[0]
-    assert info["filename"].startswith("mixofshow_test_loaded") and demo.png_size(png) == (SIZE, SIZE)
-    image = pixels(png)
-    assert np.isfinite(image).all() and image.std() > 1e-3
+    info, png = run_image(client, loaded, timeout=300)
+    assert info["filename"].startswith("mixofshow_test_loaded")
+    image = checked_pixels(png, (SIZE, SIZE))
     # the reloaded model samples what the in-memory fused model sampled (8-bit PNGs)
     assert np.abs(image - fused_image).max() <= 2 / 255, np.abs(image - fused_image).max()
 
@@ -131,15 +120,4 @@ def demo_key(word):
 
 def test_ui_workflow_is_consistent_with_the_api_workflow(run):
     _, client, _ = run
-    ui = json.loads((WORKFLOWS / "fuse_three_concepts.json").read_text())
-    api = json.loads((WORKFLOWS / "fuse_three_concepts_api.json").read_text())
-    object_info = client.object_info()
-    nodes = {n["id"]: n for n in ui["nodes"]}
-    assert ui["last_node_id"] == max(nodes) and ui["last_link_id"] == max(l[0] for l in ui["links"])
-    for link_id, origin, origin_slot, target, target_slot, kind in ui["links"]:
-        assert link_id in nodes[origin]["outputs"][origin_slot]["links"]
-        assert nodes[target]["inputs"][target_slot]["link"] == link_id
-        assert object_info[nodes[origin]["type"]]["output"][origin_slot] == kind
-        assert nodes[target]["inputs"][target_slot]["type"] == kind
-    expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
-    assert ui_to_api(ui, object_info) == expected
+    assert_ui_matches_api(*workflow_pair("fuse_three_concepts"), client.object_info())

@@ -8,17 +8,13 @@ adapters of widths [c, 2c, 4c, 4c], which the demo UNet (320 channels at every l
 take; both go through the same ControlNetLoader and ControlNetApplyAdvanced nodes. The pose
 PNGs are uploaded through /upload/image.
 """
-import json
-
-import numpy as np
 import pytest
 
 from comfyui_mixofshow.harness import demo
-from comfyui_mixofshow.harness import server as harness_server
 
-from .test_server_api import pixels, ui_to_api
+from .server_runs import (WORKFLOWS, assert_ui_matches_api, checked_pixels, prepared_server, run_image, running,
+                          workflow_pair)
 
-WORKFLOWS = harness_server.ROOT / "workflows"
 WIDTH, HEIGHT, STEPS = 128, 64, 2
 SCENES = {"two": ("two_people_keypose.png", ["cat", "dog"]),
           "three": ("three_people_keypose.png", ["cat", "dog", "owl"])}
@@ -29,16 +25,11 @@ def run(tmp_path_factory):
     """(server, client, {scene: uploaded pose name}): a server in a temporary run folder."""
     checkpoint, edloras = demo.ensure_demo_concepts()  # cached in .host/run, shared with the demo
     controlnet = demo.ensure_demo_controlnet()
-    server = harness_server.Server(tmp_path_factory.mktemp("comfy-regional"), cpu=True).prepare()
-    for folder, path in [("checkpoints", checkpoint), ("controlnet", controlnet)] + [("edlora", e) for e in edloras]:
-        (server.models_dir(folder) / path.name).symlink_to(path)
-    server.start(timeout=90)
-    try:
-        client = server.client(timeout=60)
+    model_files = [("checkpoints", checkpoint), ("controlnet", controlnet)] + [("edlora", e) for e in edloras]
+    server = prepared_server(tmp_path_factory.mktemp("comfy-regional"), model_files)
+    with running(server) as client:
         poses = {scene: client.upload_image(WORKFLOWS / "poses" / pose) for scene, (pose, _) in SCENES.items()}
         yield server, client, poses
-    finally:
-        server.stop()
 
 
 def test_pose_images_are_the_workflows_size():
@@ -48,7 +39,7 @@ def test_pose_images_are_the_workflows_size():
 
 def api_workflow(scene, pose):
     """The shipped API workflow with the test's adapter, the uploaded pose and a short run."""
-    graph = json.loads((WORKFLOWS / f"regional_{scene}_concepts_api.json").read_text())
+    graph = demo.load_workflow(WORKFLOWS / f"regional_{scene}_concepts_api.json")
     changes = {"ControlNetLoader": {"control_net_name": demo.DEMO_CONTROLNET}, "LoadImage": {"image": pose},
                "EmptyLatentImage": {"width": WIDTH, "height": HEIGHT}, "KSampler": {"steps": STEPS}}
     for node in graph.values():
@@ -62,14 +53,9 @@ def test_regional_workflow_produces_an_image(run, scene):
     graph = api_workflow(scene, poses[scene])
     regions = [n["inputs"]["prompt"] for n in graph.values() if n["class_type"] == "MixOfShowRegionPrompt"]
     assert [prompt.split(",")[0] for prompt in regions] == [f"a <{name}1> <{name}2>" for name in SCENES[scene][1]]
-    entry = client.run(graph, timeout=300)
-    images = client.images(entry)
-    assert len(images) == 1, entry.get("outputs")
-    info, png = images[0]
+    info, png = run_image(client, graph, timeout=300)
     assert info["filename"].startswith(f"mixofshow_regional_{scene}")
-    assert demo.png_size(png) == (WIDTH, HEIGHT)
-    image = pixels(png)
-    assert np.isfinite(image).all() and image.std() > 1e-3, "image is constant (NaN decodes to black)"
+    checked_pixels(png, (WIDTH, HEIGHT))
     log = server.log_path.read_text(errors="replace")
     assert "control could not be applied" not in log, "the ControlNet residuals do not fit the UNet"
 
@@ -77,18 +63,8 @@ def test_regional_workflow_produces_an_image(run, scene):
 @pytest.mark.parametrize("scene", SCENES)
 def test_ui_workflow_is_consistent_with_the_api_workflow(run, scene):
     _, client, _ = run
-    ui = json.loads((WORKFLOWS / f"regional_{scene}_concepts.json").read_text())
-    api = json.loads((WORKFLOWS / f"regional_{scene}_concepts_api.json").read_text())
-    object_info = client.object_info()
-    nodes = {n["id"]: n for n in ui["nodes"]}
-    assert ui["last_node_id"] == max(nodes) and ui["last_link_id"] == max(l[0] for l in ui["links"])
-    for link_id, origin, origin_slot, target, target_slot, kind in ui["links"]:
-        assert link_id in nodes[origin]["outputs"][origin_slot]["links"]
-        assert nodes[target]["inputs"][target_slot]["link"] == link_id
-        assert object_info[nodes[origin]["type"]]["output"][origin_slot] == kind
-        assert nodes[target]["inputs"][target_slot]["type"] == kind
+    ui, api = workflow_pair(f"regional_{scene}_concepts")
     for node in ui["nodes"]:  # the image-upload button's widget value is not an input
         if node["type"] == "LoadImage":
             assert node["widgets_values"].pop() == "image"
-    expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
-    assert ui_to_api(ui, object_info) == expected
+    assert_ui_matches_api(ui, api, client.object_info())

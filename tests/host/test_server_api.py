@@ -4,13 +4,11 @@ One server per module, in a temporary run folder, with the demo checkpoint and d
 (generated once into .host/run, as scripts/demo.sh does) and a few malformed ED-LoRA files.
 """
 import argparse
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from comfyui_mixofshow.harness import demo, models
 from comfyui_mixofshow.harness import server as harness_server
@@ -18,7 +16,9 @@ from comfyui_mixofshow.harness.edlora_fixtures import model_lora_shapes, random_
 from comfyui_mixofshow.mixofshow_core.edlora_format import (load_edlora, save_edlora, save_edlora_original,
                                                             to_original_dict)
 
-WORKFLOWS = harness_server.ROOT / "workflows"
+from .server_runs import (assert_ui_matches_api, checked_pixels, pixels, prepared_server, run_image, running,
+                          workflow_pair)
+
 SIZE = 64
 
 
@@ -57,15 +57,10 @@ def _write_bad_files(folder, good_edlora):
 def run(tmp_path_factory):
     """(server, client, bad-file cases): a server in a temporary run folder."""
     checkpoint, edlora = demo.ensure_demo_models()  # cached in .host/run, shared with the demo
-    server = harness_server.Server(tmp_path_factory.mktemp("comfy-run"), cpu=True).prepare()
-    (server.models_dir("checkpoints") / checkpoint.name).symlink_to(checkpoint)
-    (server.models_dir("edlora") / edlora.name).symlink_to(edlora)
+    server = prepared_server(tmp_path_factory.mktemp("comfy-run"), [("checkpoints", checkpoint), ("edlora", edlora)])
     cases = _write_bad_files(server.models_dir("edlora"), load_edlora(str(edlora)))
-    server.start(timeout=90)
-    try:
-        yield server, server.client(timeout=60), cases
-    finally:
-        server.stop()
+    with running(server) as client:
+        yield server, client, cases
 
 
 def demo_prompt(**changes):
@@ -78,25 +73,12 @@ def demo_prompt(**changes):
     return graph
 
 
-def pixels(png):
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32) / 255.0
-
-
-def run_image(client, graph, timeout=120):
-    entry = client.run(graph, timeout)
-    images = client.images(entry)
-    assert len(images) == 1, entry.get("outputs")
-    return images[0]
-
-
 def test_workflow_produces_image(run):
     server, client, _ = run
     info, png = run_image(client, demo_prompt(seed=1))
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert demo.png_size(png) == (SIZE, SIZE)
-    image = pixels(png)
+    image = checked_pixels(png, (SIZE, SIZE))
     assert image.shape == (SIZE, SIZE, 3)
-    assert np.isfinite(image).all() and image.std() > 1e-3, "image is constant (NaN decodes to black)"
     saved = server.run_dir / "output" / info.get("subfolder", "") / info["filename"]
     assert info["filename"].startswith("mixofshow_demo") and saved.read_bytes() == png
 
@@ -172,48 +154,6 @@ def test_unknown_edlora_name_is_rejected_before_running(run):
     assert "edlora_name" in str(failure.value) and "does_not_exist.safetensors" in str(failure.value)
 
 
-# -- the UI-format workflow -------------------------------------------------------------------
-VIRTUAL_NODES = {"Note", "PrimitiveNode", "Reroute"}
-
-
-def ui_to_api(ui, object_info):
-    """What the frontend's graphToPrompt sends for a litegraph workflow (widgets in input
-    order, a seed's control_after_generate value skipped), for checking the UI file."""
-    links = {link[0]: link for link in ui["links"]}
-    prompt = {}
-    for node in ui["nodes"]:
-        if node["type"] in VIRTUAL_NODES or node.get("mode", 0) != 0:
-            continue
-        spec = object_info[node["type"]]["input"]
-        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
-        widgets = list(node.get("widgets_values", []))
-        inputs = {}
-        for name, (kind, *options) in [*spec["required"].items(), *spec.get("optional", {}).items()]:
-            if name in linked:
-                inputs[name] = [str(linked[name][1]), linked[name][2]]
-                continue
-            if isinstance(kind, str) and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN"):
-                continue  # an unconnected socket
-            inputs[name] = widgets.pop(0)
-            if kind == "INT" and name in ("seed", "noise_seed"):
-                assert widgets.pop(0) in ("fixed", "increment", "decrement", "randomize")
-        assert not widgets, f"node {node['id']} {node['type']}: unused widget values {widgets}"
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
-    return prompt
-
-
 def test_ui_workflow_is_consistent_with_the_api_workflow(run):
     _, client, _ = run
-    ui = json.loads((WORKFLOWS / "edlora_txt2img.json").read_text())
-    api = json.loads((WORKFLOWS / "edlora_txt2img_api.json").read_text())
-    object_info = client.object_info()
-    nodes = {n["id"]: n for n in ui["nodes"]}
-    assert ui["last_node_id"] == max(nodes) and ui["last_link_id"] == max(l[0] for l in ui["links"])
-    for link_id, origin, origin_slot, target, target_slot, kind in ui["links"]:
-        assert link_id in nodes[origin]["outputs"][origin_slot]["links"]
-        assert nodes[target]["inputs"][target_slot]["link"] == link_id
-        assert object_info[nodes[origin]["type"]]["output"][origin_slot] == kind
-        assert nodes[target]["inputs"][target_slot]["type"] == kind
-    converted = ui_to_api(ui, object_info)
-    expected = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
-    assert converted == expected
+    assert_ui_matches_api(*workflow_pair("edlora_txt2img"), client.object_info())
