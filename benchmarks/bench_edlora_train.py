@@ -14,21 +14,16 @@ process CPU time (all threads); on a shared machine the CPU time is the steadier
 --quick: tiny model only, one timed step.
 """
 import argparse
-import importlib.util
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("_mixofshow_bootstrap", ROOT / "harness" / "__init__.py")
-_bootstrap = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_bootstrap)
-_bootstrap.register_plugin_package()
+import torch
 
-from comfyui_mixofshow.harness import host  # noqa: E402
+import _bootstrap
 
-host.add_host_to_path(cpu=not __import__("torch").cuda.is_available())
+_bootstrap.add_host(cpu=not torch.cuda.is_available())
 
 import comfy.model_base  # noqa: E402
 import comfy.model_management  # noqa: E402
@@ -37,7 +32,6 @@ import comfy.sd  # noqa: E402
 import comfy.sd1_clip  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from comfyui_mixofshow.harness import models  # noqa: E402

@@ -15,7 +15,6 @@ embedding_scale 0.3) and a small capture (64 px, 2 steps unless stated).
   3. Incremental: wall time to add one concept to saved statistics vs fusing all from scratch.
 """
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -23,19 +22,12 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("_mixofshow_bootstrap", ROOT / "harness" / "__init__.py")
-_bootstrap = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_bootstrap)
-_bootstrap.register_plugin_package()
+import _bootstrap  # noqa: E402
 
-from comfyui_mixofshow.harness import host  # noqa: E402
-
-host.add_host_to_path(cpu=True)
+_bootstrap.add_host(cpu=True)
 
 import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402

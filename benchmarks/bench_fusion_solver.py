@@ -16,30 +16,18 @@ from the statistics for both. `--quick` keeps the original iteration counts but 
 concept on the 320 spatial layer and skips the 640/1280 layers.
 """
 import argparse
-import importlib
 import math
 import statistics
-import sys
 import time
-import types
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = "comfyui_mixofshow"
+import _bootstrap
 
+_bootstrap.register_plugin()
 
-def import_solver():
-    """Registers the plugin folder as `comfyui_mixofshow` without running its ComfyUI __init__."""
-    if PACKAGE not in sys.modules:
-        package = types.ModuleType(PACKAGE)
-        package.__path__ = [str(ROOT)]
-        sys.modules[PACKAGE] = package
-    return importlib.import_module(f"{PACKAGE}.mixofshow_core.fusion_solver")
+from comfyui_mixofshow.mixofshow_core import fusion_solver as fs  # noqa: E402
 
-
-fs = import_solver()
 CONCEPTS = 3
 LORA_RANK = 4
 TOLERANCES = (1e-2, 1e-3, 1e-4, 0.0)

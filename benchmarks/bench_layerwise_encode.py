@@ -7,26 +7,19 @@ parameters) with an ED-LoRA's text-encoder LoRA applied; the table prints median
 the ratio. Target: a layer-wise encode costs at most 3x a plain one.
 """
 import argparse
-import importlib.util
 import statistics
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("_mixofshow_bootstrap", ROOT / "harness" / "__init__.py")
-_bootstrap = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_bootstrap)
-_bootstrap.register_plugin_package()
+import torch
 
-from comfyui_mixofshow.harness import host  # noqa: E402
+import _bootstrap
 
-host.add_host_to_path(cpu=not __import__("torch").cuda.is_available())
+_bootstrap.add_host(cpu=not torch.cuda.is_available())
 
 import comfy.model_management  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.sd1_clip  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
-import torch  # noqa: E402
 
 from comfyui_mixofshow.harness.edlora_fixtures import random_edlora  # noqa: E402
 from comfyui_mixofshow.harness.models import seeded_state  # noqa: E402

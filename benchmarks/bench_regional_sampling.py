@@ -15,26 +15,19 @@ the process's CPU time with one torch thread, which other jobs on the machine di
 than wall time; on CUDA they use wall time. Target: 3 regions cost at most 1.25x plain.
 """
 import argparse
-import importlib.util
 import logging
 import statistics
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("_mixofshow_bootstrap", ROOT / "harness" / "__init__.py")
-_bootstrap = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_bootstrap)
-_bootstrap.register_plugin_package()
+import torch
 
-from comfyui_mixofshow.harness import host  # noqa: E402
+import _bootstrap
 
-host.add_host_to_path(cpu=not __import__("torch").cuda.is_available())
+_bootstrap.add_host(cpu=not torch.cuda.is_available())
 
 import comfy.model_management  # noqa: E402
 import comfy.utils  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
-import torch  # noqa: E402
 
 from comfyui_mixofshow.harness import models  # noqa: E402
 from comfyui_mixofshow.nodes.region_prompt import RegionPrompt  # noqa: E402
