@@ -324,9 +324,7 @@ def preview_images(model, clip, vae, edlora, prompt, steps, resolution, seed):
 
 
 def curve_image(training, loss=None):
-    caption = f"step {training.step}/{training.config.total_steps}"
-    if loss is not None:
-        caption += f"   loss {loss:.4f}"
+    caption = "" if loss is None else f"loss {loss:.4f}  (light: per step, dark: moving average)"
     return torch.from_numpy(loss_curve(training.losses, training.config.total_steps, caption=caption))
 
 
@@ -494,7 +492,8 @@ class TrainingRun:
             path = os.path.join(edlora_folder(), f"{self.output_name}.safetensors")
             save_outputs(trained_edlora(training, os.path.basename(path)), path, self.also_save_pth)
             self.preview(training, prompt, preview_steps)
-            return os.path.basename(path), curve_image(training)[None], torch.cat(self.previews)
+            name = os.path.basename(path)
+            return {"ui": {"text": [name]}, "result": (name, curve_image(training)[None], torch.cat(self.previews))}
 
     def save_intermediate(self, training):
         save_state(training, self.output_name, self.names)

@@ -11,19 +11,24 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from comfyui_mixofshow.harness import models
+from comfyui_mixofshow.harness.edlora_fixtures import model_lora_shapes, random_edlora
 from comfyui_mixofshow.mixofshow_core import sd15
-from comfyui_mixofshow.mixofshow_core.edlora_format import load_edlora
+from comfyui_mixofshow.mixofshow_core.edlora_format import load_edlora, save_edlora
 from comfyui_mixofshow.mixofshow_core.training.dataset import DatasetError
 from comfyui_mixofshow.mixofshow_core.training.loop import EDLoRATraining, TrainingConfig, run_training
+from comfyui_mixofshow.nodes.edlora_concept import EDLoRAConcept
 from comfyui_mixofshow.nodes.edlora_loader import EDLoRALoader, apply_edlora
 from comfyui_mixofshow.nodes.edlora_text_encode import encode_layerwise
 from comfyui_mixofshow.nodes.edlora_train import (EDLoRATrain, host_training, initial_tables, trained_edlora)
+from comfyui_mixofshow.nodes.fusion_capture import kv_inputs
+from comfyui_mixofshow.nodes.gradient_fuse import GradientFuse
 from comfyui_mixofshow.nodes.layerwise import CONTEXT_KEY
 
 from .sampling import c_in, denoise_once
 
 WORDS = ("<t1>", "<t2>")
 CAPTION = "<TOK>, red shirt, smiling"
+MID_TO_K = "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"
 
 
 def write_dataset(folder, sizes=((64, 96), (96, 64)), masks=True):
@@ -178,9 +183,10 @@ def test_training_encodes_and_predicts_like_the_loaded_edlora_at_inference(host_
 
 
 def test_node_writes_an_edlora_the_loader_and_text_encode_accept(trained, host_models, places):
-    (name, curve, previews), _, _ = trained
+    outputs, _, _ = trained
+    name, curve, previews = outputs["result"]
     model, clip, _ = host_models
-    assert name == "concept.safetensors"
+    assert name == "concept.safetensors" and outputs["ui"] == {"text": [name]}  # shown on the node, in /history
     edlora = load_edlora(str(places / "edlora" / name))
     assert edlora.words == list(WORDS) and edlora.rank == 4
     assert len(edlora.unet) == 128 and len(edlora.text_encoder) == 8
@@ -191,6 +197,42 @@ def test_node_writes_an_edlora_the_loader_and_text_encode_accept(trained, host_m
     assert cond[0][1]["model_conds"][CONTEXT_KEY].cond.shape == (1, 16, 77, 768)
     assert curve.shape == (1, 320, 512, 3) and previews.shape == (6, 64, 64, 3)  # α 0/0.7/1 at step 1 and 2
     assert torch.isfinite(previews).all() and 0 <= previews.min() and previews.max() <= 1
+
+
+def test_trained_edlora_goes_through_gradient_fusion(trained, host_models, places):
+    """The trained file and a second concept, chained by EDLoRA Concept nodes, fuse; the fused
+    cross-attention k layer maps the trained concept's own token features like W0 + ΔW of the
+    trained file (plain torch on its tensors)."""
+    model, clip, _ = host_models
+    unet_shapes, text_shapes = model_lora_shapes(model, clip)
+    # a partner whose LoRA is as small as two training steps make it (fusion's tolerance is
+    # relative to the whole objective, so a large partner would hide the trained change)
+    save_edlora(random_edlora(["<o1>", "<o2>"], unet_shapes, text_shapes, seed=5, lora_scale=1e-3),
+                str(places / "edlora" / "other.safetensors"))
+    with torch.inference_mode():
+        concepts = EDLoRAConcept().add("concept.safetensors", 1.0, 1.0, "")[0]
+        concepts = EDLoRAConcept().add("other.safetensors", 1.0, 1.0, "", concepts)[0]
+        fused_model, fused_clip, stats = GradientFuse().fuse(model, clip, concepts, "gradient", 1, 64, 0, "all", 1e-6)
+        # 2 prompts x 77 positions; the tokens before the concept words ("<start> photo of a" and
+        # "<start>") read the same in every concept's prompts (causal attention): fusion can only
+        # average those rows, every other row is the trained concept's own
+        rows = kv_inputs(fused_clip, list(WORDS))[6]
+        rows = torch.cat([rows[4:77], rows[78:]])
+        comfy.model_management.load_models_gpu([fused_model])
+        fused = fused_model.model.state_dict()[MID_TO_K].clone()
+        comfy.model_management.unload_all_models()  # restores the shared base weights
+        cond = encode_layerwise(fused_clip, "a photo of <t1> <t2> and <o1> <o2>")
+    assert stats.words == [*WORDS, "<o1>", "<o2>"]
+    assert cond[0][1]["model_conds"][CONTEXT_KEY].cond.shape == (1, 16, 77, 768)
+    saved = load_file(str(places / "edlora" / "concept.safetensors"))
+    down, up = (saved[f"lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lora_{p}.weight"].double()
+                for p in ("down", "up"))
+    base = weights(model)[MID_TO_K].double()
+    rows = rows.double()
+    target, start = rows @ (base + up @ down).T, rows @ base.T
+    assert (target - start).norm() > 1e-4 * start.norm()  # the trained LoRA changes this layer
+    error = (rows @ fused.double().T - target).norm() / (target - start).norm()
+    assert error < 1e-2, error  # measured 1.9e-3
 
 
 def test_node_saves_intermediate_edloras_and_states(trained, places):
