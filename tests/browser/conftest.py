@@ -44,10 +44,10 @@ def comfy(tmp_path_factory):
     """(server, client, files): a ComfyUI server in a temporary run folder with the demo checkpoint and
     ED-LoRA, a seeded test T2I-Adapter and the test pose image in input/."""
     host.add_host_to_path()
-    from comfyui_mixofshow.harness import demo, models
+    from comfyui_mixofshow.harness import demo_models, models
     from comfyui_mixofshow.harness import server as harness_server
 
-    checkpoint, edlora = demo.ensure_demo_models()
+    checkpoint, edlora = demo_models.ensure_demo_models()
     server = harness_server.Server(tmp_path_factory.mktemp("comfy-browser"), cpu=True).prepare()
     (server.models_dir("checkpoints") / checkpoint.name).symlink_to(checkpoint)
     (server.models_dir("edlora") / edlora.name).symlink_to(edlora)

@@ -6,7 +6,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from comfyui_mixofshow.harness import demo
+from comfyui_mixofshow.harness import workflows
 from comfyui_mixofshow.harness import server as harness_server
 
 WORKFLOWS = harness_server.ROOT / "workflows"
@@ -50,7 +50,7 @@ def run_image(client, graph, timeout=120):
 
 def checked_pixels(png, size):
     """The PNG's pixels, checked to be (width, height) `size`, finite and not constant."""
-    assert demo.png_size(png) == size
+    assert workflows.png_size(png) == size
     image = pixels(png)
     assert np.isfinite(image).all() and image.std() > 1e-3, "image is constant (NaN decodes to black)"
     return image
@@ -59,7 +59,7 @@ def checked_pixels(png, size):
 # -- UI-format workflows ---------------------------------------------------------------------
 def workflow_pair(name):
     """(UI workflow, API workflow) of workflows/<name>.json and <name>_api.json."""
-    return demo.load_workflow(WORKFLOWS / f"{name}.json"), demo.load_workflow(WORKFLOWS / f"{name}_api.json")
+    return workflows.load_workflow(WORKFLOWS / f"{name}.json"), workflows.load_workflow(WORKFLOWS / f"{name}_api.json")
 
 
 def ui_to_api(ui, object_info):

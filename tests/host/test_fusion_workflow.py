@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from comfyui_mixofshow.harness import demo
+from comfyui_mixofshow.harness import demo_models, workflows
 from comfyui_mixofshow.mixofshow_core.fusion_stats import load_fusion_stats
 
 from .server_runs import (assert_ui_matches_api, checked_pixels, only_image, prepared_server, run_image, running,
@@ -31,37 +31,38 @@ PROMPT = "a photo of <cat1> <cat2> and <dog1> <dog2> in a garden"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(server, client, ED-LoRA names): a server in a temporary run folder."""
-    checkpoint, cat = demo.ensure_demo_models()  # cached in .host/run, shared with the demo
+    checkpoint, cat = demo_models.ensure_demo_models()  # cached in .host/run, shared with the demo
     server = prepared_server(tmp_path_factory.mktemp("comfy-fusion"), [("checkpoints", checkpoint), ("edlora", cat)])
-    names = [cat.name] + [demo.write_demo_concept(cat, name, seed, server.models_dir("edlora")).name
-                          for name, seed in demo.DEMO_CONCEPTS]
+    names = [cat.name] + [demo_models.write_demo_concept(cat, name, seed, server.models_dir("edlora")).name
+                          for name, seed in demo_models.DEMO_CONCEPTS]
     try:
         with running(server) as client:
             yield server, client, names
     finally:
-        for path in (demo.host_models_dir(server) / "checkpoints").glob(f"{PREFIX}_*_.*"):
+        for path in (demo_models.host_models_dir(server) / "checkpoints").glob(f"{PREFIX}_*_.*"):
             path.unlink()
 
 
 def fusion_graph(names):
-    return demo.build_fusion_prompt(demo.load_workflow(demo.FUSION_WORKFLOW), demo.DEMO_CHECKPOINT, names[:2],
-                                    steps=STEPS, capture_steps=1, capture_resolution=64,
-                                    filename_prefix=PREFIX, image_prefix=PREFIX)
+    return workflows.build_fusion_prompt(workflows.load_workflow(workflows.FUSION_WORKFLOW),
+                                         demo_models.DEMO_CHECKPOINT, names[:2], steps=STEPS, capture_steps=1,
+                                         capture_resolution=64, filename_prefix=PREFIX, image_prefix=PREFIX)
 
 
 def test_shipped_workflow_fuses_the_three_demo_concepts():
-    graph = demo.load_workflow(demo.FUSION_WORKFLOW)
-    names = [graph[k]["inputs"]["edlora_name"] for k in demo.concept_chain(graph)]
-    assert names == [demo.DEMO_EDLORA] + [f"mixofshow_demo_{n}.safetensors" for n, _ in demo.DEMO_CONCEPTS]
-    assert demo.positive_text(graph) == PROMPT
-    fuse = graph[demo._only(graph, "MixOfShowGradientFuse")]["inputs"]
+    graph = workflows.load_workflow(workflows.FUSION_WORKFLOW)
+    names = [graph[k]["inputs"]["edlora_name"] for k in workflows.concept_chain(graph)]
+    assert names == [demo_models.DEMO_EDLORA] + [f"mixofshow_demo_{n}.safetensors"
+                                                 for n, _ in demo_models.DEMO_CONCEPTS]
+    assert workflows.positive_text(graph) == PROMPT
+    fuse = graph[workflows.only_node(graph, "MixOfShowGradientFuse")]["inputs"]
     assert fuse["method"] == "gradient" and fuse["capture_steps"] <= 4 and fuse["capture_resolution"] == 64
-    save = graph[demo._only(graph, "MixOfShowSaveFusedModel")]["inputs"]
-    assert save["model"] == [demo._only(graph, "MixOfShowGradientFuse"), 0] and "fusion_stats" in save
+    save = graph[workflows.only_node(graph, "MixOfShowSaveFusedModel")]["inputs"]
+    assert save["model"] == [workflows.only_node(graph, "MixOfShowGradientFuse"), 0] and "fusion_stats" in save
     # the chain is cut or extended to the number of files
     for count in (1, 2, 5):
-        built = demo.build_fusion_prompt(graph, "x.safetensors", [f"e{i}.safetensors" for i in range(count)])
-        chain = demo.concept_chain(built)
+        built = workflows.build_fusion_prompt(graph, "x.safetensors", [f"e{i}.safetensors" for i in range(count)])
+        chain = workflows.concept_chain(built)
         assert [built[k]["inputs"]["edlora_name"] for k in chain] == [f"e{i}.safetensors" for i in range(count)]
         assert sum(n["class_type"] == "MixOfShowEDLoRAConcept" for n in built.values()) == count
 
@@ -74,10 +75,10 @@ def test_fusion_workflow_saves_a_checkpoint_that_loads(run):
     assert info["filename"].startswith(PREFIX)
     fused_image = checked_pixels(png, (SIZE, SIZE))
 
-    saved = demo.saved_checkpoints(entry, graph)
+    saved = workflows.saved_checkpoints(entry, graph)
     assert len(saved) == 2, saved
-    checkpoint = demo.host_models_dir(server) / saved[0]
-    stats = demo.host_models_dir(server) / saved[1]
+    checkpoint = demo_models.host_models_dir(server) / saved[0]
+    stats = demo_models.host_models_dir(server) / saved[1]
     assert checkpoint.name.startswith(PREFIX + "_") and checkpoint.suffix == ".safetensors"
     assert stats == checkpoint.with_suffix(".fusionstats")
     assert checkpoint.is_file() and stats.is_file()
@@ -91,11 +92,11 @@ def test_fusion_workflow_saves_a_checkpoint_that_loads(run):
     assert load_fusion_stats(str(stats)).words == WORDS
 
     # a second prompt: the saved checkpoint through Load Fused Model, same prompt and seed
-    ckpt_name = checkpoint.relative_to(demo.host_models_dir(server) / "checkpoints").as_posix()
+    ckpt_name = checkpoint.relative_to(demo_models.host_models_dir(server) / "checkpoints").as_posix()
     info_list = client.object_info("MixOfShowLoadFusedModel")["MixOfShowLoadFusedModel"]
     assert ckpt_name in info_list["input"]["required"]["ckpt_name"][0]
     assert info_list["output"] == ["MODEL", "CLIP", "VAE", "FUSION_STATS"]
-    sampler = graph[demo._only(graph, "KSampler")]["inputs"]
+    sampler = graph[workflows.only_node(graph, "KSampler")]["inputs"]
     loaded = {
         "f1": {"class_type": "MixOfShowLoadFusedModel", "inputs": {"ckpt_name": ckpt_name}},
         "f2": {"class_type": "MixOfShowEDLoRATextEncode", "inputs": {"clip": ["f1", 1], "text": PROMPT}},

@@ -10,7 +10,7 @@ PNGs are uploaded through /upload/image.
 """
 import pytest
 
-from comfyui_mixofshow.harness import demo
+from comfyui_mixofshow.harness import demo_models, workflows
 
 from .server_runs import (WORKFLOWS, assert_ui_matches_api, checked_pixels, prepared_server, run_image, running,
                           workflow_pair)
@@ -23,8 +23,8 @@ SCENES = {"two": ("two_people_keypose.png", ["cat", "dog"]),
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(server, client, {scene: uploaded pose name}): a server in a temporary run folder."""
-    checkpoint, edloras = demo.ensure_demo_concepts()  # cached in .host/run, shared with the demo
-    controlnet = demo.ensure_demo_controlnet()
+    checkpoint, edloras = demo_models.ensure_demo_concepts()  # cached in .host/run, shared with the demo
+    controlnet = demo_models.ensure_demo_controlnet()
     model_files = [("checkpoints", checkpoint), ("controlnet", controlnet)] + [("edlora", e) for e in edloras]
     server = prepared_server(tmp_path_factory.mktemp("comfy-regional"), model_files)
     with running(server) as client:
@@ -34,13 +34,13 @@ def run(tmp_path_factory):
 
 def test_pose_images_are_the_workflows_size():
     for pose, _ in SCENES.values():
-        assert demo.png_size((WORKFLOWS / "poses" / pose).read_bytes()) == (1024, 512)
+        assert workflows.png_size((WORKFLOWS / "poses" / pose).read_bytes()) == (1024, 512)
 
 
 def api_workflow(scene, pose):
     """The shipped API workflow with the test's adapter, the uploaded pose and a short run."""
-    graph = demo.load_workflow(WORKFLOWS / f"regional_{scene}_concepts_api.json")
-    changes = {"ControlNetLoader": {"control_net_name": demo.DEMO_CONTROLNET}, "LoadImage": {"image": pose},
+    graph = workflows.load_workflow(WORKFLOWS / f"regional_{scene}_concepts_api.json")
+    changes = {"ControlNetLoader": {"control_net_name": demo_models.DEMO_CONTROLNET}, "LoadImage": {"image": pose},
                "EmptyLatentImage": {"width": WIDTH, "height": HEIGHT}, "KSampler": {"steps": STEPS}}
     for node in graph.values():
         node["inputs"].update(changes.get(node["class_type"], {}))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_mixofshow.harness import demo, models
+from comfyui_mixofshow.harness import demo_models, models, workflows
 from comfyui_mixofshow.harness import server as harness_server
 from comfyui_mixofshow.harness.edlora_fixtures import model_lora_shapes, random_edlora
 from comfyui_mixofshow.mixofshow_core.edlora_format import (load_edlora, save_edlora, save_edlora_original,
@@ -56,7 +56,7 @@ def _write_bad_files(folder, good_edlora):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(server, client, bad-file cases): a server in a temporary run folder."""
-    checkpoint, edlora = demo.ensure_demo_models()  # cached in .host/run, shared with the demo
+    checkpoint, edlora = demo_models.ensure_demo_models()  # cached in .host/run, shared with the demo
     server = prepared_server(tmp_path_factory.mktemp("comfy-run"), [("checkpoints", checkpoint), ("edlora", edlora)])
     cases = _write_bad_files(server.models_dir("edlora"), load_edlora(str(edlora)))
     with running(server) as client:
@@ -65,7 +65,7 @@ def run(tmp_path_factory):
 
 def demo_prompt(**changes):
     """The API workflow with the demo files; `changes` = {input name: value} on any node."""
-    graph = demo.build_prompt(demo.load_workflow(), demo.DEMO_CHECKPOINT, [demo.DEMO_EDLORA])
+    graph = workflows.build_prompt(workflows.load_workflow(), demo_models.DEMO_CHECKPOINT, [demo_models.DEMO_EDLORA])
     for node in graph.values():
         for key, value in changes.items():
             if key in node["inputs"]:
@@ -101,8 +101,8 @@ def test_object_info_lists_plugin_nodes(run):
     assert info["MixOfShowEDLoRALoader"]["output"] == ["MODEL", "CLIP"]
     assert info["MixOfShowEDLoRATextEncode"]["output"] == ["CONDITIONING"]
     edlora_names = info["MixOfShowEDLoRALoader"]["input"]["required"]["edlora_name"][0]
-    assert demo.DEMO_EDLORA in edlora_names
-    assert demo.DEMO_CHECKPOINT in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert demo_models.DEMO_EDLORA in edlora_names
+    assert demo_models.DEMO_CHECKPOINT in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
 
 
 def renamed(graph, prefix, keep=("1",)):

@@ -1,0 +1,73 @@
+"""The training workflow (workflows/edlora_train*.json) through a real, headless ComfyUI server,
+as scripts/demo.sh queues it: EDLoRA Train on the demo checkpoint with the demo's generated
+drawings (captions with <TOK>, masks), one step at 64 px; then the trained file in the
+txt2img workflow's EDLoRA Loader.
+"""
+import pytest
+
+from comfyui_mixofshow.harness import demo_data, demo_models, workflows
+from comfyui_mixofshow.mixofshow_core.edlora_format import load_edlora
+
+from .server_runs import assert_ui_matches_api, checked_pixels, prepared_server, run_image, running, workflow_pair
+
+WORDS = ("<cat1>", "<cat2>")
+NAME = "mixofshow_test_trained_cat"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(server, client, trained entry, graph): one training prompt on a server in a temporary folder."""
+    checkpoint, _ = demo_models.ensure_demo_models()  # cached in .host/run, shared with the demo
+    server = prepared_server(tmp_path_factory.mktemp("comfy-train"), [("checkpoints", checkpoint)])
+    images, masks = demo_data.write_concept_dataset(server.run_dir / "input" / "cat", "cat", count=2, size=64)
+    graph = workflows.build_train_prompt(
+        workflows.load_workflow(workflows.TRAIN_WORKFLOW), checkpoint.name, "cat", WORDS, ("<rand-0.013>", "cat"),
+        NAME, "cat/masks", steps=1, batch_size=1, resolution=64, caption_template="object", preview_steps=1)
+    with running(server) as client:
+        yield server, client, client.run(graph, timeout=900), graph
+
+
+def test_generated_dataset_is_a_valid_training_set(tmp_path):
+    from comfyui_mixofshow.mixofshow_core.training.dataset import load_dataset
+    images, masks = demo_data.write_concept_dataset(tmp_path, "dog", count=3, size=64, seed=4)
+    samples = load_dataset(str(images), demo_data.PLACEHOLDER, 64, str(masks))
+    assert [s.name for s in samples] == ["00.png", "01.png", "02.png"]
+    for sample in samples:
+        assert sample.caption.startswith("<TOK>, ") and sample.mask.size == sample.image.size
+        covered = sum(1 for value in sample.mask.getdata() if value == 255) / (64 * 64)
+        assert 0.05 < covered < 0.6  # the drawn animal, not the background
+
+
+def test_training_prompt_writes_the_edlora_and_reports_it(run):
+    server, client, entry, graph = run
+    name = workflows.trained_edlora(entry, graph)
+    assert name == f"{NAME}.safetensors"
+    edlora = load_edlora(str(server.models_dir("edlora") / name))  # the first models/edlora folder
+    assert edlora.words == list(WORDS) and edlora.rank == 4
+    assert len(edlora.unet) == 128 and len(edlora.text_encoder) == 48  # CLIP-L: 12 layers x q/k/v/out
+    assert all(table.shape == (16, 768) for table in edlora.embeddings.values())
+
+
+def test_training_prompt_shows_the_loss_curve_and_previews(run):
+    _, client, entry, graph = run
+    outputs = entry["outputs"]
+    curve = outputs[workflows.only_node(graph, "PreviewImage")]["images"]
+    previews = outputs[workflows.only_node(graph, "SaveImage")]["images"]
+    assert len(curve) == 1 and curve[0]["type"] == "temp"
+    assert len(previews) == 3  # α 0, 0.7, 1.0 at the end
+    for info in previews:
+        checked_pixels(client.view(info["filename"], info.get("subfolder", ""), "output"), (64, 64))
+
+
+def test_trained_edlora_samples_in_the_txt2img_workflow(run):
+    server, client, entry, graph = run
+    txt2img = workflows.build_prompt(workflows.load_workflow(), demo_models.DEMO_CHECKPOINT,
+                                     [workflows.trained_edlora(entry, graph)], steps=2, filename_prefix="trained")
+    info, png = run_image(client, txt2img)
+    assert workflows.positive_text(txt2img).startswith("a photo of <cat1> <cat2>")
+    checked_pixels(png, (64, 64))
+
+
+def test_ui_workflow_sends_the_api_workflow(run):
+    _, client, _, _ = run
+    assert_ui_matches_api(*workflow_pair("edlora_train"), client.object_info())
