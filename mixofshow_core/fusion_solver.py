@@ -234,8 +234,21 @@ class _Spectrum:
         return (self.rhs_rot / (self.eigvals + lam)) @ self.basis.T
 
 
-def _spectrum(stats, rcond):
-    eigvals, basis = torch.linalg.eigh(stats.gram)
+class ReusedEigh:
+    """torch.linalg.eigh that reuses the previous decomposition when the next Gram is equal:
+    layers reading the same input share G, and solving them one after another costs one eigh."""
+
+    def __init__(self):
+        self.gram, self.result = None, None
+
+    def __call__(self, gram):
+        if self.gram is None or self.gram.shape != gram.shape or not torch.equal(self.gram, gram):
+            self.gram, self.result = gram, torch.linalg.eigh(gram)
+        return self.result
+
+
+def _spectrum(stats, rcond, eigh=torch.linalg.eigh):
+    eigvals, basis = eigh(stats.gram)
     eigen_max = max(float(eigvals[-1]), 0.0) if eigvals.numel() else 0.0
     cutoff = rcond * stats.d_in * eigen_max
     kept = eigvals > cutoff
@@ -285,12 +298,13 @@ def _solution(stats, spectrum, lam, dtype):
     return spectrum.delta(lam).to(dtype), info
 
 
-def solve(stats, tolerance=1e-3, rcond=DEFAULT_RCOND, dtype=torch.float32):
+def solve(stats, tolerance=1e-3, rcond=DEFAULT_RCOND, dtype=torch.float32, eigh=torch.linalg.eigh):
     """Fused weight change D (W = W0 + D) keeping (1 − tolerance) of the reducible objective with
-    the least change: D(λ) = R (G + λI)⁻¹, λ from f(λ) − f* = tolerance·(c − f*). Returns (D, info)."""
+    the least change: D(λ) = R (G + λI)⁻¹, λ from f(λ) − f* = tolerance·(c − f*). Returns (D, info).
+    `eigh`: a ReusedEigh when consecutive layers may share G."""
     if not tolerance >= 0.0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    spectrum = _spectrum(stats, rcond)
+    spectrum = _spectrum(stats, rcond, eigh)
     lam = _lambda_for_excess(spectrum, tolerance * spectrum.reducible) if tolerance < 1.0 else math.inf
     return _solution(stats, spectrum, lam, dtype)
 

@@ -55,3 +55,17 @@ def cross_attention_index(module_path):
         if module_path.startswith(block + "."):
             return index
     return None
+
+
+# layers that read the same input as another one: (suffix, the first such layer's suffix)
+_SAME_INPUT = ((".k_proj", ".q_proj"), (".v_proj", ".q_proj"), (".attn1.to_k", ".attn1.to_q"),
+               (".attn1.to_v", ".attn1.to_q"), (".attn2.to_v", ".attn2.to_k"))
+
+
+def input_group(module_path):
+    """One name for the layers that read the same input (attention q/k/v of the text encoder
+    and of attn1, k/v of attn2): their input Grams are equal."""
+    for suffix, first in _SAME_INPUT:
+        if module_path.endswith(suffix):
+            return module_path[: -len(suffix)] + first
+    return module_path

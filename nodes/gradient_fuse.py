@@ -12,7 +12,7 @@ fusion (its statistics given): they are W0 + D_old, so each patch is D − D_old
 import torch
 
 from ..mixofshow_core.edlora_format import EDLoRA, LoRALayer
-from ..mixofshow_core.fusion_solver import GramAccumulator, LayerStats, solve
+from ..mixofshow_core.fusion_solver import GramAccumulator, LayerStats, ReusedEigh, solve
 from ..mixofshow_core.fusion_stats import FusionStats
 from ..mixofshow_core.merge_baselines import (custom_diffusion_merge, orthogonal_merge, regularization_captions,
                                               weight_average)
@@ -186,15 +186,17 @@ class Stage:
             self.totals[path] = stats if self.totals[path] is None else self.totals[path] + stats
 
     def solve(self):
-        """D for every path: the regularised least-squares solve, or the orthogonal merge."""
-        fusion, changes = self.fusion, {}
-        for path in self.paths:
+        """D for every path: the regularised least-squares solve, or the orthogonal merge. Layers
+        reading the same input are solved one after another, so they share one eigh."""
+        fusion, changes, eigh = self.fusion, {}, ReusedEigh()
+        for path in sorted(self.paths, key=lambda p: (sd15.input_group(p), p)):
             name = f"{self.part}:{path}"
             if fusion.method == "orthogonal":
                 changes[path] = fusion.orthogonal(self.part, path, self.captured)
             else:
                 fusion.stats[name] = self.totals[path]
-                changes[path] = solve(self.totals[path], layer_tolerance(name, fusion.tolerance, fusion.kv_positions))[0]
+                tolerance = layer_tolerance(name, fusion.tolerance, fusion.kv_positions)
+                changes[path] = solve(self.totals[path], tolerance, eigh=eigh)[0]
             fusion.progress.step()
         return changes
 

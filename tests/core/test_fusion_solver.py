@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from comfyui_mixofshow.mixofshow_core import sd15
 from comfyui_mixofshow.mixofshow_core.fusion_solver import (
-    GramAccumulator, LayerStats, conv_input_rows, lbfgs_reference, objective, solve, solve_to_objective)
+    GramAccumulator, LayerStats, ReusedEigh, conv_input_rows, lbfgs_reference, objective, solve, solve_to_objective)
 
 F64 = torch.float64
 
@@ -218,6 +219,39 @@ def test_incremental_stats_give_the_same_solve_as_all_concepts():
     gram = sum(x.T @ x for x in xs)
     minimiser = torch.linalg.solve(gram, sum((w0 + d) @ x.T @ x for x, d in zip(xs, deltas)).T).T
     assert relative_error(w0 + change, minimiser) < 1e-9
+
+
+def test_layers_sharing_an_input_share_one_eigh_and_solve_exactly_as_alone(monkeypatch):
+    """q/k/v read one input: equal Grams, different right-hand sides. A ReusedEigh decomposes
+    the Gram once for them, each solve equals its own solve bit for bit, and another Gram is
+    decomposed anew."""
+    _, xs, _ = random_problem(6, 12, [20, 20], seed=21)
+    layers = [stats_of(xs, random_problem(6, 12, [20, 20], seed=seed)[2]) for seed in (1, 2, 3)]
+    alone = [solve(stats, tolerance=1e-3, dtype=F64) for stats in layers]
+    decomposed = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda gram: decomposed.append(gram) or eigh(gram))
+    reused = ReusedEigh()
+    for stats, (change, info) in zip(layers, alone):
+        shared_change, shared_info = solve(stats, tolerance=1e-3, dtype=F64, eigh=reused)
+        assert torch.equal(shared_change, change) and shared_info == info
+    assert len(decomposed) == 1
+    other = stats_of([xs[0]], random_problem(6, 12, [20], seed=4)[2])
+    expected = solve(other, dtype=F64)[0]  # the default eigh, not the counting one
+    assert torch.equal(solve(other, dtype=F64, eigh=reused)[0], expected)
+    assert len(decomposed) == 2
+
+
+def test_input_groups_join_exactly_the_layers_that_read_one_input():
+    text = "text_model.encoder.layers.3.self_attn."
+    block = "up_blocks.1.attentions.2.transformer_blocks.0."
+    groups = {path: sd15.input_group(path) for path in
+              [text + n for n in ("q_proj", "k_proj", "v_proj", "out_proj")] +
+              [block + f"attn{i}.{n}" for i in (1, 2) for n in ("to_q", "to_k", "to_v", "to_out.0")]}
+    assert len({groups[text + n] for n in ("q_proj", "k_proj", "v_proj")}) == 1
+    assert len({groups[block + f"attn1.{n}"] for n in ("to_q", "to_k", "to_v")}) == 1
+    assert groups[block + "attn2.to_k"] == groups[block + "attn2.to_v"] != groups[block + "attn2.to_q"]
+    assert len(set(groups.values())) == 7  # text q/k/v, out; attn1 q/k/v, out; attn2 q, k/v, out
 
 
 def test_stats_round_trip_through_safetensors(tmp_path):
