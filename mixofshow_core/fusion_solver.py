@@ -154,6 +154,17 @@ class LayerStats:
         return LayerStats(self.gram + other.gram.to(device), self.rhs + other.rhs.to(device),
                           self.energy + other.energy, self.rows + other.rows)
 
+    def add_(self, other):
+        """In place: self += other (no new [d_in, d_in] buffers)."""
+        if other.gram.shape != self.gram.shape or other.rhs.shape != self.rhs.shape:
+            raise ValueError(f"cannot add stats of a [{other.d_out}, {other.d_in}] layer "
+                             f"to stats of a [{self.d_out}, {self.d_in}] layer")
+        self.gram.add_(other.gram.to(self.gram.device))
+        self.rhs.add_(other.rhs.to(self.rhs.device))
+        self.energy += other.energy
+        self.rows += other.rows
+        return self
+
     def __radd__(self, other):
         """Lets sum() start from 0."""
         if isinstance(other, int) and other == 0:

@@ -175,6 +175,7 @@ class Stage:
         self.fusion, self.part, self.paths = fusion, part, paths
         previous = fusion.previous.layers if add_previous and fusion.previous is not None else {}
         self.totals = {p: previous.get(f"{part}:{p}") for p in paths}
+        self.owned = set()  # totals this stage allocated, safe to update in place
         self.captured = []
 
     def add(self, concept, grams):
@@ -183,7 +184,14 @@ class Stage:
             return
         for path in self.paths:
             stats = self.fusion.layer_stats(concept, self.part, path, grams[path])
-            self.totals[path] = stats if self.totals[path] is None else self.totals[path] + stats
+            total = self.totals[path]
+            if total is None:
+                self.totals[path] = stats
+            elif path in self.owned:
+                total.add_(stats)
+            else:  # saved statistics are never changed
+                self.totals[path] = total + stats
+            self.owned.add(path)
 
     def solve(self):
         """D for every path: the regularised least-squares solve, or the orthogonal merge. Layers
@@ -216,14 +224,17 @@ def concept_clip(clip, concept):
     return register_concepts(clone, [concept])
 
 
-def kv_grams(rows_by_layer, paths):
-    """Stage B Grams for every k/v path from per-layer rows."""
-    grams = {}
-    for path in paths:
+class KVGrams:
+    """Stage B Grams of the k/v paths from per-layer rows, each formed when asked for (one
+    768² Gram at a time instead of all 32)."""
+
+    def __init__(self, rows_by_layer):
+        self.rows_by_layer = rows_by_layer
+
+    def __getitem__(self, path):
         gram = GramAccumulator(sd15.TEXT_DIM)
-        gram.add(rows_by_layer[sd15.cross_attention_index(path)])
-        grams[path] = gram
-    return grams
+        gram.add(self.rows_by_layer[sd15.cross_attention_index(path)])
+        return gram
 
 
 def fuse_captured(fusion, steps, resolution):
@@ -241,7 +252,7 @@ def fuse_captured(fusion, steps, resolution):
     # the new fused encoder, so adding a concept gives exactly the from-scratch k/v
     kv = fusion.stage(UNET, kv_paths, add_previous=False)
     for concept in fusion.stored_concepts(fused_clip) + list(fusion.concepts):
-        kv.add(concept, kv_grams(kv_inputs(fused_clip, concept.words, fusion.kv_positions), kv_paths))
+        kv.add(concept, KVGrams(kv_inputs(fused_clip, concept.words, fusion.kv_positions)))
         fusion.progress.step()
     kv_changes = kv.solve()
     fused_kv = fusion.patched(fusion.model, UNET, kv_changes)

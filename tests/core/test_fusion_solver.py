@@ -254,6 +254,19 @@ def test_input_groups_join_exactly_the_layers_that_read_one_input():
     assert len(set(groups.values())) == 7  # text q/k/v, out; attn1 q/k/v, out; attn2 q, k/v, out
 
 
+def test_in_place_sum_equals_the_sum_and_leaves_the_other_untouched():
+    _, xs, deltas = random_problem(5, 9, [12, 12], seed=23)
+    first, second = (LayerStats.from_concept(x.T @ x, d) for x, d in zip(xs, deltas))
+    expected = first + second
+    second_gram = second.gram.clone()
+    total = first.add_(second)
+    assert total is first and torch.equal(total.gram, expected.gram) and torch.equal(total.rhs, expected.rhs)
+    assert total.energy == expected.energy and total.rows == expected.rows
+    assert torch.equal(second.gram, second_gram)
+    with pytest.raises(ValueError, match="cannot add stats"):
+        first.add_(LayerStats.from_concept(xs[0][:, :8].T @ xs[0][:, :8], deltas[0][:, :8]))
+
+
 def test_stats_round_trip_through_safetensors(tmp_path):
     _, xs, deltas = random_problem(6, 10, [4, 5], seed=16)
     acc = GramAccumulator(10)
