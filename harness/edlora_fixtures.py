@@ -27,11 +27,12 @@ def random_edlora(words, unet_shapes, text_shapes, rank=4, seed=0, name="random.
     embeddings = {w: randn(sd15.NUM_CROSS_ATTN_LAYERS, sd15.TEXT_DIM) * embedding_scale for w in words}
     trained = set(sd15.unet_lora_layers()) - {f"{b}.{x}" for b in sd15.CROSS_ATTN_BLOCKS
                                               for x in sd15.TRANSFORMER_EXTRA_LAYERS}
-    unet = {p: layer(s) for p, s in unet_shapes.items() if p in trained}
+    # sorted: the host's key maps come from set iteration, whose order changes per process
+    unet = {p: layer(s) for p, s in sorted(unet_shapes.items()) if p in trained}
     unet.update({p: layer(unet_shapes[p], conv=True) for p in conv_layers})
     text_trained = {p for p in sd15.text_lora_layers() if ".self_attn." in p}
     text_scale = lora_scale if text_lora_scale is None else text_lora_scale
-    text = {p: layer(s, scale=text_scale) for p, s in text_shapes.items() if p in text_trained}
+    text = {p: layer(s, scale=text_scale) for p, s in sorted(text_shapes.items()) if p in text_trained}
     return EDLoRA(embeddings, unet, text, name)
 
 
