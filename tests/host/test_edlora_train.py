@@ -254,7 +254,7 @@ def test_interrupt_leaves_a_state_that_resumes_to_the_uninterrupted_result(train
     model, clip, vae = host_models
     interrupt_at = {"step": 1}
 
-    def hook(value, total, preview):
+    def hook(value, total, preview, node_id=None):  # current ComfyUI also passes node_id
         if value == interrupt_at["step"]:
             comfy.model_management.interrupt_current_processing(True)
 
