@@ -29,54 +29,24 @@ import _bootstrap  # noqa: E402
 
 _bootstrap.add_host(cpu=True)
 
-import comfy.model_management  # noqa: E402
-import comfy.sample  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from comfyui_mixofshow.harness import models  # noqa: E402
-from comfyui_mixofshow.harness.edlora_fixtures import model_lora_shapes, random_edlora  # noqa: E402
+from comfyui_mixofshow.harness.fusion_checks import (  # noqa: E402
+    CAPTURE, capture_sample, loaded_weights, relative_error, seeded_concepts)
 from comfyui_mixofshow.mixofshow_core import sd15  # noqa: E402
-from comfyui_mixofshow.nodes.edlora_concept import Concept  # noqa: E402
 from comfyui_mixofshow.nodes.edlora_loader import apply_edlora  # noqa: E402
-from comfyui_mixofshow.nodes.edlora_text_encode import encode_layerwise  # noqa: E402
 from comfyui_mixofshow.nodes.fusion_capture import kv_inputs  # noqa: E402
 from comfyui_mixofshow.nodes.gradient_fuse import fuse  # noqa: E402
 from comfyui_mixofshow.nodes.model_keys import unet_weight_keys  # noqa: E402
 
-CAPTURE = dict(capture_steps=2, capture_resolution=64, seed=7)
 METHODS = {"gradient, k/v all": dict(method="gradient", kv_positions="all"),
            "gradient, k/v concept_and_eos": dict(method="gradient", kv_positions="concept_and_eos"),
            "weight_average": dict(method="weight_average"),
            "custom_diffusion": dict(method="custom_diffusion")}
 STAGES = ("text_encoder", "k/v", "other UNet")
 FP16_BYTES = 2
-
-
-def make_concepts(model, clip, count):
-    unet_shapes, text_shapes = model_lora_shapes(model, clip)
-    return [Concept(random_edlora([f"<{chr(97 + i)}1>", f"<{chr(97 + i)}2>"], unet_shapes, text_shapes,
-                                  seed=20 + i, embedding_scale=0.3, text_lora_scale=0.05,
-                                  name=f"concept{i}.safetensors"), 1.0, 1.0)
-            for i in range(count)]
-
-
-def weights(patcher):
-    comfy.model_management.load_models_gpu([patcher])
-    return {k: v.clone() for k, v in patcher.model.state_dict().items()}
-
-
-def capture_sample(model, clip, words, index):
-    """The sampling run fusion records for concept `index` (its prompt, seed + index, no CFG)."""
-    cond = encode_layerwise(clip, f"photo of a {' '.join(words)}")
-    size, seed = CAPTURE["capture_resolution"] // 8, CAPTURE["seed"] + index
-    noise = comfy.sample.prepare_noise(torch.zeros(1, 4, size, size), seed)
-    return comfy.sample.sample(model, noise, CAPTURE["capture_steps"], 1.0, "dpmpp_2m", "normal", cond, cond,
-                               torch.zeros_like(noise), seed=seed, disable_pbar=True)
-
-
-def relative_error(a, b, base):
-    return float((a - b).norm() / (b - base).norm())
 
 
 def kv_error(model, fused, single, base, concept):
@@ -86,7 +56,7 @@ def kv_error(model, fused, single, base, concept):
     (fused_model, fused_clip), (single_model, single_clip) = fused, single
     fused_rows = kv_inputs(fused_clip, concept.words, "concept_and_eos")
     single_rows = kv_inputs(single_clip, concept.words, "concept_and_eos")
-    fused_w, single_w = weights(fused_model), weights(single_model)
+    fused_w, single_w = loaded_weights(fused_model), loaded_weights(single_model)
     sums = [[0.0, 0.0], [0.0, 0.0]]
     for path, key in unet_weight_keys(model).items():
         if not path.endswith((".attn2.to_k", ".attn2.to_v")):
@@ -102,9 +72,9 @@ def kv_error(model, fused, single, base, concept):
 
 def identity(model, clip, count):
     """{method: [(UNet error, k/v error, k/v layer-fit error) per concept]} for `count` concepts."""
-    concepts = make_concepts(model, clip, count)
+    concepts = seeded_concepts(model, clip, count)
     fused = {name: fuse(model, clip, concepts, **options, **CAPTURE)[:2] for name, options in METHODS.items()}
-    base = weights(model)
+    base = loaded_weights(model)
     errors = {name: [] for name in METHODS}
     for index, concept in enumerate(concepts):
         single = apply_edlora(model, clip, concept.edlora, 1.0, 1.0)
@@ -177,8 +147,8 @@ def stored_bytes(stats):
 def memory_child(count, steps):
     """Runs in a fresh process: one gradient fusion, printed as JSON."""
     model, clip = models.tiny_model(), models.tiny_clip()
-    concepts = make_concepts(model, clip, count)
-    weights(model)  # the base model is loaded before measuring
+    concepts = seeded_concepts(model, clip, count)
+    loaded_weights(model)  # the base model is loaded before measuring
     with PeakRSS() as peak:
         stats = fuse(model, clip, concepts, "gradient", **dict(CAPTURE, capture_steps=steps))[2]
     print(json.dumps({"peak": peak.growth, "stored": stored_bytes(stats)}))
@@ -221,7 +191,7 @@ def timed(fn):
 
 def incremental(model, clip, count):
     """(seconds to add concept count+1 to the statistics of `count`, seconds to fuse all from scratch)."""
-    concepts = make_concepts(model, clip, count + 1)
+    concepts = seeded_concepts(model, clip, count + 1)
     first_model, first_clip, stats = fuse(model, clip, concepts[:count], "gradient", **CAPTURE)
     added, _ = timed(lambda: fuse(first_model, first_clip, concepts[count:], "gradient", previous=stats, **CAPTURE))
     scratch, _ = timed(lambda: fuse(model, clip, concepts, "gradient", **CAPTURE))

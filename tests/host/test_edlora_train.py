@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from comfyui_mixofshow.harness import models
 from comfyui_mixofshow.harness.edlora_fixtures import model_lora_shapes, random_edlora
+from comfyui_mixofshow.harness.fusion_checks import loaded_weights
 from comfyui_mixofshow.mixofshow_core import sd15
 from comfyui_mixofshow.mixofshow_core.edlora_format import load_edlora, save_edlora
 from comfyui_mixofshow.mixofshow_core.training.dataset import DatasetError
@@ -218,8 +219,7 @@ def test_trained_edlora_goes_through_gradient_fusion(trained, host_models, place
         # average those rows, every other row is the trained concept's own
         rows = kv_inputs(fused_clip, list(WORDS))[6]
         rows = torch.cat([rows[4:77], rows[78:]])
-        comfy.model_management.load_models_gpu([fused_model])
-        fused = fused_model.model.state_dict()[MID_TO_K].clone()
+        fused = loaded_weights(fused_model)[MID_TO_K]
         comfy.model_management.unload_all_models()  # restores the shared base weights
         cond = encode_layerwise(fused_clip, "a photo of <t1> <t2> and <o1> <o2>")
     assert stats.words == [*WORDS, "<o1>", "<o2>"]

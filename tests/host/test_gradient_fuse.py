@@ -1,50 +1,26 @@
 """Gradient Fuse on the tiny 16-layer model: identity, baselines, incremental fusion, errors."""
-import comfy.model_management
-import comfy.sample
 import pytest
 import torch
 
 from comfyui_mixofshow.harness.edlora_fixtures import model_lora_shapes, random_edlora
+from comfyui_mixofshow.harness.fusion_checks import (CAPTURE, capture_sample, concept_words, loaded_weights,
+                                                      relative_error, seeded_concepts)
 from comfyui_mixofshow.mixofshow_core.fusion_stats import FusionStatsError, load_fusion_stats, save_fusion_stats
 from comfyui_mixofshow.nodes.concepts import ConceptCollisionError, concepts_of
 from comfyui_mixofshow.nodes.edlora_concept import Concept, EDLoRAConcept, add_concept, parse_rename
 from comfyui_mixofshow.nodes.edlora_loader import apply_edlora
-from comfyui_mixofshow.nodes.edlora_text_encode import encode_layerwise
 from comfyui_mixofshow.nodes.fusion_capture import kv_inputs
 from comfyui_mixofshow.nodes.gradient_fuse import fuse
 from comfyui_mixofshow.nodes.model_keys import ModelMismatchError
 
 from . import reference
 
-CAPTURE = dict(capture_steps=2, capture_resolution=64, seed=7)
-WORDS = (["<a1>", "<a2>"], ["<b1>", "<b2>"], ["<c1>", "<c2>"])
+WORDS = tuple(concept_words(i) for i in range(3))
 
 
 @pytest.fixture
 def concepts(model, clip):
-    unet_shapes, text_shapes = model_lora_shapes(model, clip)
-    return [Concept(random_edlora(words, unet_shapes, text_shapes, seed=20 + i, embedding_scale=0.3,
-                                  text_lora_scale=0.05, name=f"concept{i}.safetensors"), 1.0, 1.0)
-            for i, words in enumerate(WORDS)]
-
-
-def weights(patcher):
-    comfy.model_management.load_models_gpu([patcher])
-    return {k: v.clone() for k, v in patcher.model.state_dict().items()}
-
-
-def capture_sample(model, clip, words, index=0):
-    """The sampling run fusion records for concept `index` (its prompt, seed + index, steps, size,
-    no CFG): the inputs on which gradient fusion promises each concept its own layer outputs."""
-    cond = encode_layerwise(clip, f"photo of a {' '.join(words)}")
-    size, seed = CAPTURE["capture_resolution"] // 8, CAPTURE["seed"] + index
-    noise = comfy.sample.prepare_noise(torch.zeros(1, 4, size, size), seed)
-    return comfy.sample.sample(model, noise, CAPTURE["capture_steps"], 1.0, "dpmpp_2m", "normal", cond, cond,
-                               torch.zeros_like(noise), seed=seed, disable_pbar=True)
-
-
-def relative_error(a, b, base):
-    return float((a - b).norm() / (b - base).norm())
+    return seeded_concepts(model, clip, len(WORDS))
 
 
 def test_single_concept_fusion_reproduces_that_concepts_outputs(model, clip, concepts):
@@ -52,7 +28,7 @@ def test_single_concept_fusion_reproduces_that_concepts_outputs(model, clip, con
     fused_model, fused_clip, stats = fuse(model, clip, concepts[:1], "gradient", tolerance=1e-6, **CAPTURE)
     assert concepts_of(fused_clip).words == WORDS[0]
     # k/v: the fused layers map the concept's own token features like W0 + ΔW (plain torch reference)
-    base, fused = reference.base_state(model.model), weights(fused_model)
+    base, fused = reference.base_state(model.model), loaded_weights(fused_model)
     rows = kv_inputs(fused_clip, WORDS[0])  # the token features the fused k/v layers see
     key = "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"
     delta = concepts[0].edlora.unet["mid_block.attentions.0.transformer_blocks.0.attn2.to_k"].delta(1.0)
@@ -88,7 +64,7 @@ def test_adding_a_concept_to_saved_statistics_matches_fusing_all_from_scratch(tm
     assert concepts_of(added_clip).words == concepts_of(scratch_clip).words == sum(WORDS, [])
     assert added_stats.words == sum(WORDS, [])
     base = reference.base_state(model.model)
-    added, scratch = weights(added_model), weights(scratch_model)
+    added, scratch = loaded_weights(added_model), loaded_weights(scratch_model)
     changed = [k for k in base if not torch.equal(base[k], scratch[k])]
     assert len(changed) == 32 + 96
     kv_keys = [k for k in changed if ".attn2.to_k" in k or ".attn2.to_v" in k]
@@ -100,8 +76,8 @@ def test_adding_a_concept_to_saved_statistics_matches_fusing_all_from_scratch(tm
     # with small changes of those rows (measured 0.14-0.24 over concept draws); the sampling runs
     # below are what a user sees
     assert stage_difference(added, scratch, base, [k for k in changed if k not in kv_keys]) < 0.4
-    text_base, text_added, text_scratch = (reference.base_state(clip.cond_stage_model), weights(added_clip.patcher),
-                                           weights(scratch_clip.patcher))
+    text_base = reference.base_state(clip.cond_stage_model)
+    text_added, text_scratch = loaded_weights(added_clip.patcher), loaded_weights(scratch_clip.patcher)
     text_keys = [k for k in text_base if not torch.equal(text_base[k], text_scratch[k])]
     assert len(text_keys) == 8
     assert stage_difference(text_added, text_scratch, text_base, text_keys) < 1e-3
@@ -127,9 +103,9 @@ def stage_difference(added, scratch, base, keys):
 
 def test_fusion_is_deterministic_for_a_seed(model, clip, concepts):
     quick = dict(CAPTURE, capture_steps=1, kv_positions="concept_and_eos")
-    one = weights(fuse(model, clip, concepts[:1], "gradient", **quick)[0])
-    two = weights(fuse(model, clip, concepts[:1], "gradient", **quick)[0])
-    other_seed = weights(fuse(model, clip, concepts[:1], "gradient", **dict(quick, seed=8))[0])
+    one = loaded_weights(fuse(model, clip, concepts[:1], "gradient", **quick)[0])
+    two = loaded_weights(fuse(model, clip, concepts[:1], "gradient", **quick)[0])
+    other_seed = loaded_weights(fuse(model, clip, concepts[:1], "gradient", **dict(quick, seed=8))[0])
     assert all(torch.equal(one[k], two[k]) for k in one)
     assert not all(torch.equal(one[k], other_seed[k]) for k in one)
 
@@ -143,7 +119,7 @@ def test_baselines_fuse_and_register_every_concept(model, clip, concepts, method
 
 def test_custom_diffusion_maps_concept_tokens_to_their_fine_tuned_outputs(model, clip, concepts):
     fused_model, fused_clip, _ = fuse(model, clip, concepts[:2], "custom_diffusion", **CAPTURE)
-    base, fused = reference.base_state(model.model), weights(fused_model)
+    base, fused = reference.base_state(model.model), loaded_weights(fused_model)
     key = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_v.weight"
     for concept in concepts[:2]:
         rows = kv_inputs(fused_clip, concept.words, "concept_and_eos")[2]  # the rows it constrains
