@@ -52,11 +52,11 @@ _bootstrap()
 from comfyui_mixofshow.harness import server as harness_server  # noqa: E402
 from comfyui_mixofshow.harness.demo_data import PLACEHOLDER, write_concept_dataset  # noqa: E402
 from comfyui_mixofshow.harness.demo_models import (  # noqa: E402
-    DEMO_WORDS, RUN_DIR, ensure_demo_controlnet, ensure_demo_models, host_models_dir, link_model)
+    DEMO_WORDS, RUN_DIR, ensure_demo_checkpoint, ensure_demo_controlnet, host_models_dir, link_model)
 from comfyui_mixofshow.harness.workflows import (  # noqa: E402
     FUSION_WORKFLOW, REGIONAL_WORKFLOW, TRAIN_WORKFLOW, WORKFLOW, build_fusion_prompt, build_prompt,
     build_regional_prompt, build_train_prompt, load_workflow, only_node, png_size, positive_text, region_labels,
-    saved_checkpoints, trained_edlora)
+    reported_files)
 
 DEMO_FUSED_PREFIX = "mixofshow_fused_demo"
 DEMO_TRAINING = (("cat", 1), ("dog", 2))  # (animal, drawing seed): words <cat1> <cat2>, <dog1> <dog2>
@@ -110,7 +110,7 @@ def concept_words(path):
 
 # -- plans ------------------------------------------------------------------------------------
 def demo_plan(args, run_dir):
-    checkpoint, _ = ensure_demo_models(run_dir)
+    checkpoint = ensure_demo_checkpoint(run_dir)
     training = []
     for animal, seed in DEMO_TRAINING:
         images, masks = write_concept_dataset(run_dir / "input" / f"mixofshow_demo_{animal}", animal, seed=seed)
@@ -189,11 +189,10 @@ class DemoRun:
 
     def save_images(self, entry, node_id, what, suffix):
         """Fetches node_id's images through /view into out (<stem><suffix>[_i].png)."""
-        images = entry.get("outputs", {}).get(node_id, {}).get("images", [])
+        images = self.client.images(entry, node_id)
         if not images:
             raise SystemExit(f"{what}: the prompt finished but produced no image: {entry.get('outputs')}")
-        for index, info in enumerate(images):
-            data = self.client.view(info["filename"], info.get("subfolder", ""), info.get("type", "output"))
+        for index, (info, data) in enumerate(images):
             name = self.out.stem + suffix + (f"_{index}" if len(images) > 1 else "") + self.out.suffix
             path = self.out.with_name(name)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -211,7 +210,7 @@ class DemoRun:
         self.announce(f"Queueing workflows/{TRAIN_WORKFLOW.name}: EDLoRA Train {' '.join(item.words)} on "
                       f"{item.dataset}, {steps} steps, batch {settings['batch_size']}, {settings['resolution']} px")
         entry = self.run(graph)
-        name = trained_edlora(entry, graph)
+        name = reported_files(entry, graph, "MixOfShowEDLoRATrain")[0]
         print(f"  EDLoRA Train wrote models/edlora/{name}")
         self.save_images(entry, only_node(graph, "SaveImage"), f"training previews of {name} (α 0, 0.7, 1)",
                          f"_train_{item.label}")
@@ -241,9 +240,7 @@ class DemoRun:
                       f"saved with Save Fused Model, then sampled\n  prompt: {positive_text(graph)}")
         entry = self.run(graph)
         self.save_images(entry, only_node(graph, "SaveImage"), "fused-model image", "_fused")
-        saved = saved_checkpoints(entry, graph)
-        if not saved:
-            raise SystemExit(f"Save Fused Model reported no file: {entry.get('outputs')}")
+        saved = reported_files(entry, graph, "MixOfShowSaveFusedModel")
         self.fused_files = [host_models_dir(self.server) / name for name in saved]
         for path in self.fused_files:
             print(f"  Save Fused Model wrote {path}")

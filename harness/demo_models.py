@@ -19,41 +19,50 @@ DEMO_CONCEPTS = (("dog", 20), ("owl", 22))
 DEMO_CONTROLNET = "mixofshow_demo_keypose_controlnet.safetensors"
 
 
-def ensure_demo_models(run_dir=RUN_DIR, log=print):
-    """Generates (if missing) the random demo checkpoint and demo ED-LoRA in run_dir/models;
-    returns their paths. Loads ComfyUI in this process (on the CPU) to shape the ED-LoRA."""
-    run_dir = Path(run_dir)
-    checkpoint = run_dir / "models" / "checkpoints" / DEMO_CHECKPOINT
-    edlora = run_dir / "models" / "edlora" / DEMO_EDLORA
-    if checkpoint.is_file() and edlora.is_file():
-        return checkpoint, edlora
+def ensure_demo_checkpoint(run_dir=RUN_DIR, log=print):
+    """Generates (if missing) the random demo checkpoint in run_dir/models; returns its path."""
+    checkpoint = Path(run_dir) / "models" / "checkpoints" / DEMO_CHECKPOINT
+    if checkpoint.is_file():
+        return checkpoint
     from . import host
     host.add_host_to_path(cpu=True)
     import torch
     from . import models
-    if not checkpoint.is_file():
-        log(f"Generating the random demo checkpoint {checkpoint} (about 480 MB) ...")
-        start = time.perf_counter()
-        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint.with_name("." + checkpoint.name + ".partial")
-        with torch.inference_mode():  # building the host's CLIP needs it (harness.md §4)
-            models.write_checkpoint(str(tmp), seed=DEMO_SEED)
-        os.replace(tmp, checkpoint)
-        edlora.unlink(missing_ok=True)  # shaped for the old file
-        log(f"  done in {time.perf_counter() - start:.1f} s")
-    if not edlora.is_file():
-        log(f"Generating the random demo ED-LoRA {edlora} (words {' '.join(DEMO_WORDS)}) ...")
-        import comfy.sd
-        from .edlora_fixtures import model_lora_shapes, random_edlora
-        from ..mixofshow_core.edlora_format import save_edlora
-        with torch.inference_mode():
-            model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
-                str(checkpoint), output_vae=False, output_clip=True, embedding_directory=None)
-            unet_shapes, text_shapes = model_lora_shapes(model, clip)
-        del model, clip
-        gc.collect()
-        save_edlora(random_edlora(list(DEMO_WORDS), unet_shapes, text_shapes, seed=DEMO_SEED + 10,
-                                  name=DEMO_EDLORA), str(edlora))
+    log(f"Generating the random demo checkpoint {checkpoint} (about 480 MB) ...")
+    start = time.perf_counter()
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint.with_name("." + checkpoint.name + ".partial")
+    with torch.inference_mode():  # building the host's CLIP needs it (harness.md §4)
+        models.write_checkpoint(str(tmp), seed=DEMO_SEED)
+    os.replace(tmp, checkpoint)
+    (Path(run_dir) / "models" / "edlora" / DEMO_EDLORA).unlink(missing_ok=True)  # shaped for the old file
+    log(f"  done in {time.perf_counter() - start:.1f} s")
+    return checkpoint
+
+
+def ensure_demo_models(run_dir=RUN_DIR, log=print):
+    """Generates (if missing) the random demo checkpoint and demo ED-LoRA in run_dir/models;
+    returns their paths. Loads ComfyUI in this process (on the CPU) to shape the ED-LoRA."""
+    checkpoint = ensure_demo_checkpoint(run_dir, log)
+    edlora = Path(run_dir) / "models" / "edlora" / DEMO_EDLORA
+    if edlora.is_file():
+        return checkpoint, edlora
+    log(f"Generating the random demo ED-LoRA {edlora} (words {' '.join(DEMO_WORDS)}) ...")
+    from . import host
+    host.add_host_to_path(cpu=True)
+    import comfy.sd
+    import torch
+    from .edlora_fixtures import model_lora_shapes, random_edlora
+    from ..mixofshow_core.edlora_format import save_edlora
+    with torch.inference_mode():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
+            str(checkpoint), output_vae=False, output_clip=True, embedding_directory=None)
+        unet_shapes, text_shapes = model_lora_shapes(model, clip)
+    del model, clip
+    gc.collect()
+    edlora.parent.mkdir(parents=True, exist_ok=True)
+    save_edlora(random_edlora(list(DEMO_WORDS), unet_shapes, text_shapes, seed=DEMO_SEED + 10,
+                              name=DEMO_EDLORA), str(edlora))
     return checkpoint, edlora
 
 

@@ -129,10 +129,12 @@ class ComfyClient:
         query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": type})
         return self._request("/view?" + query)
 
-    def images(self, entry):
-        """[(image info dict, PNG bytes)] for every image in a history entry's outputs."""
+    def images(self, entry, node_id=None):
+        """[(image info dict, PNG bytes)] for every image in a history entry's outputs (of node_id's only,
+        if given)."""
+        outputs = entry.get("outputs", {})
         out = []
-        for node_output in entry.get("outputs", {}).values():
+        for node_output in (outputs.values() if node_id is None else [outputs.get(node_id, {})]):
             for image in node_output.get("images", []):
                 out.append((image, self.view(image["filename"], image.get("subfolder", ""),
                                              image.get("type", "output"))))

@@ -104,13 +104,13 @@ def build_train_prompt(workflow, checkpoint, dataset_folder, words, initializers
     return graph
 
 
-def trained_edlora(entry, graph):
-    """The ED-LoRA file name EDLoRA Train reported in a finished prompt's history entry."""
-    outputs = entry.get("outputs", {}).get(only_node(graph, "MixOfShowEDLoRATrain"), {})
-    names = outputs.get("text", [])
+def reported_files(entry, graph, class_type):
+    """The file names a saving node (EDLoRA Train, Save Fused Model) showed, from a finished
+    prompt's history entry; Save Fused Model's are relative to the models folder."""
+    names = entry.get("outputs", {}).get(only_node(graph, class_type), {}).get("text", [])
     if not names:
-        raise ValueError(f"EDLoRA Train reported no file: {entry.get('outputs')}")
-    return names[0]
+        raise ValueError(f"{class_type} reported no file: {entry.get('outputs')}")
+    return list(names)
 
 
 def concept_chain(graph):
@@ -165,12 +165,6 @@ def build_fusion_prompt(workflow, checkpoint, edloras, prompt=None, negative=Non
     if filename_prefix is not None:
         save["filename_prefix"] = filename_prefix
     return set_sampling(graph, prompt, negative, width, height, steps, seed, image_prefix)
-
-
-def saved_checkpoints(entry, graph):
-    """The files Save Fused Model reported, relative to the server's models folder ('checkpoints/…')."""
-    outputs = entry.get("outputs", {}).get(only_node(graph, "MixOfShowSaveFusedModel"), {})
-    return list(outputs.get("text", []))
 
 
 def build_regional_prompt(workflow, fused_checkpoint, words=None, controlnet=None, pose=None, width=None,

@@ -75,7 +75,7 @@ def test_fusion_workflow_saves_a_checkpoint_that_loads(run):
     assert info["filename"].startswith(PREFIX)
     fused_image = checked_pixels(png, (SIZE, SIZE))
 
-    saved = workflows.saved_checkpoints(entry, graph)
+    saved = workflows.reported_files(entry, graph, "MixOfShowSaveFusedModel")
     assert len(saved) == 2, saved
     checkpoint = demo_models.host_models_dir(server) / saved[0]
     stats = demo_models.host_models_dir(server) / saved[1]

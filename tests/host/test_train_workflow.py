@@ -17,7 +17,7 @@ NAME = "mixofshow_test_trained_cat"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """(server, client, trained entry, graph): one training prompt on a server in a temporary folder."""
-    checkpoint, _ = demo_models.ensure_demo_models()  # cached in .host/run, shared with the demo
+    checkpoint = demo_models.ensure_demo_checkpoint()  # cached in .host/run, shared with the demo
     server = prepared_server(tmp_path_factory.mktemp("comfy-train"), [("checkpoints", checkpoint)])
     images, masks = demo_data.write_concept_dataset(server.run_dir / "input" / "cat", "cat", count=2, size=64)
     graph = workflows.build_train_prompt(
@@ -40,7 +40,7 @@ def test_generated_dataset_is_a_valid_training_set(tmp_path):
 
 def test_training_prompt_writes_the_edlora_and_reports_it(run):
     server, client, entry, graph = run
-    name = workflows.trained_edlora(entry, graph)
+    name = workflows.reported_files(entry, graph, "MixOfShowEDLoRATrain")[0]
     assert name == f"{NAME}.safetensors"
     edlora = load_edlora(str(server.models_dir("edlora") / name))  # the first models/edlora folder
     assert edlora.words == list(WORDS) and edlora.rank == 4
@@ -50,19 +50,20 @@ def test_training_prompt_writes_the_edlora_and_reports_it(run):
 
 def test_training_prompt_shows_the_loss_curve_and_previews(run):
     _, client, entry, graph = run
-    outputs = entry["outputs"]
-    curve = outputs[workflows.only_node(graph, "PreviewImage")]["images"]
-    previews = outputs[workflows.only_node(graph, "SaveImage")]["images"]
+    curve = entry["outputs"][workflows.only_node(graph, "PreviewImage")]["images"]
+    previews = client.images(entry, workflows.only_node(graph, "SaveImage"))
     assert len(curve) == 1 and curve[0]["type"] == "temp"
     assert len(previews) == 3  # α 0, 0.7, 1.0 at the end
-    for info in previews:
-        checked_pixels(client.view(info["filename"], info.get("subfolder", ""), "output"), (64, 64))
+    for info, png in previews:
+        assert info["type"] == "output"
+        checked_pixels(png, (64, 64))
 
 
 def test_trained_edlora_samples_in_the_txt2img_workflow(run):
     server, client, entry, graph = run
-    txt2img = workflows.build_prompt(workflows.load_workflow(), demo_models.DEMO_CHECKPOINT,
-                                     [workflows.trained_edlora(entry, graph)], steps=2, filename_prefix="trained")
+    trained = workflows.reported_files(entry, graph, "MixOfShowEDLoRATrain")
+    txt2img = workflows.build_prompt(workflows.load_workflow(), demo_models.DEMO_CHECKPOINT, trained, steps=2,
+                                     filename_prefix="trained")
     info, png = run_image(client, txt2img)
     assert workflows.positive_text(txt2img).startswith("a photo of <cat1> <cat2>")
     checked_pixels(png, (64, 64))
