@@ -5,32 +5,23 @@ from .edlora_text_encode import EDLoRATextEncode
 from .edlora_train import EDLoRATrain
 from .fused_model import LoadFusedModel, SaveFusedModel
 from .gradient_fuse import GradientFuse
-from .region_prompt import RegionPrompt, RegionPromptImport
+from .region_prompt import RegionPrompt, RegionPromptImport, RegionsFromBoundingBoxes
 from .regional_sampler import ApplyRegions, RegionalSampler
 
-NODE_CLASS_MAPPINGS = {
-    "MixOfShowEDLoRALoader": EDLoRALoader,
-    "MixOfShowEDLoRATextEncode": EDLoRATextEncode,
-    "MixOfShowEDLoRAConcept": EDLoRAConcept,
-    "MixOfShowGradientFuse": GradientFuse,
-    "MixOfShowSaveFusedModel": SaveFusedModel,
-    "MixOfShowLoadFusedModel": LoadFusedModel,
-    "MixOfShowRegionPrompt": RegionPrompt,
-    "MixOfShowRegionPromptImport": RegionPromptImport,
-    "MixOfShowApplyRegions": ApplyRegions,
-    "MixOfShowRegionalSampler": RegionalSampler,
-    "MixOfShowEDLoRATrain": EDLoRATrain,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "MixOfShowEDLoRALoader": "EDLoRA Loader",
-    "MixOfShowEDLoRATextEncode": "EDLoRA Text Encode",
-    "MixOfShowEDLoRAConcept": "EDLoRA Concept",
-    "MixOfShowGradientFuse": "Gradient Fuse",
-    "MixOfShowSaveFusedModel": "Save Fused Model",
-    "MixOfShowLoadFusedModel": "Load Fused Model",
-    "MixOfShowRegionPrompt": "Region Prompt",
-    "MixOfShowRegionPromptImport": "Region Prompt Import",
-    "MixOfShowApplyRegions": "Apply Regions",
-    "MixOfShowRegionalSampler": "Regional Sampler",
-    "MixOfShowEDLoRATrain": "EDLoRA Train",
-}
+# node id (stable: saved workflows refer to it), V1 class (the one declaration), display name
+NODES = (
+    ("MixOfShowEDLoRALoader", EDLoRALoader, "EDLoRA Loader"),
+    ("MixOfShowEDLoRATextEncode", EDLoRATextEncode, "EDLoRA Text Encode"),
+    ("MixOfShowEDLoRAConcept", EDLoRAConcept, "EDLoRA Concept"),
+    ("MixOfShowGradientFuse", GradientFuse, "Gradient Fuse"),
+    ("MixOfShowSaveFusedModel", SaveFusedModel, "Save Fused Model"),
+    ("MixOfShowLoadFusedModel", LoadFusedModel, "Load Fused Model"),
+    ("MixOfShowRegionPrompt", RegionPrompt, "Region Prompt"),
+    ("MixOfShowRegionPromptImport", RegionPromptImport, "Region Prompt Import"),
+    ("MixOfShowRegionsFromBoundingBoxes", RegionsFromBoundingBoxes, "Regions from Bounding Boxes"),
+    ("MixOfShowApplyRegions", ApplyRegions, "Apply Regions"),
+    ("MixOfShowRegionalSampler", RegionalSampler, "Regional Sampler"),
+    ("MixOfShowEDLoRATrain", EDLoRATrain, "EDLoRA Train"),
+)
+NODE_CLASS_MAPPINGS = {node_id: v1 for node_id, v1, _ in NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id: display_name for node_id, _, display_name in NODES}

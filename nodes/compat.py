@@ -13,6 +13,13 @@ from ..mixofshow_core.regions import token_grid
 
 IS_CURRENT_HOST = hasattr(comfy.model_patcher.ModelPatcher, "add_wrapper_with_key")
 
+try:  # the V3 node API: v0.3.64 and 0.38 load a package's comfy_entrypoint() only when it has no
+    # NODE_CLASS_MAPPINGS (nodes.py load_custom_node); the 2024 host has neither the API nor the entry point
+    from comfy_api.latest import ComfyExtension as V3Extension
+    from comfy_api.latest import io as V3_IO
+except ImportError:
+    V3Extension = V3_IO = None
+
 
 class Cond(comfy.conds.CONDRegular):
     """A model_conds entry with the signatures both hosts call.

@@ -1,5 +1,6 @@
-"""Region Prompt and Region Prompt Import: build the REGIONS list of regional sampling."""
-from dataclasses import dataclass
+"""Region Prompt, Region Prompt Import and Regions from Bounding Boxes: build the REGIONS list of
+regional sampling."""
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -7,6 +8,7 @@ import torch
 from ..mixofshow_core import sd15
 from ..mixofshow_core.prompt_binding import concept_words_in
 from ..mixofshow_core.regions import UNITS, RegionError, parse_box, parse_prompt_rewrite
+from .bounding_boxes import element_boxes, pixel_boxes
 from .edlora_text_encode import encode_layerwise
 from .layerwise import CONTEXT_KEY
 
@@ -105,7 +107,7 @@ class RegionPrompt:
                                                           "branch (may be empty)."}),
                 "box": ("STRING", {"default": "0, 0, 1, 1",
                                    "tooltip": "x1, y1, x2, y2: left, top, right, bottom edges, in the chosen units. "
-                                              "Ignored when a mask is connected."}),
+                                              "Ignored when a mask or bounding boxes are connected."}),
                 "units": (list(UNITS), {"tooltip": "normalized: box values 0..1 of the image; pixels: values within "
                                                    "width x height."}),
                 **_image_size_inputs("the box or mask is laid out on (the image you sample at or its pose image)"),
@@ -115,18 +117,27 @@ class RegionPrompt:
                 "regions": REGIONS_INPUT,
                 "mask": ("MASK", {"tooltip": "Region as a mask of width x height instead of the box; soft values "
                                              "weight the region's output against the global one."}),
+                "bounding_box": ("BOUNDING_BOX", {
+                    "forceInput": True,
+                    "tooltip": "Region as ComfyUI bounding boxes in pixels of width x height instead of the box, "
+                               "e.g. Create Bounding Boxes' bboxes; several boxes add one region each, all with "
+                               "this prompt."}),
             },
         }
 
     def add_region(self, clip, prompt, negative_prompt, box, units, width, height, adapter_weight,
-                   regions=(), mask=None):
-        if mask is not None:
-            area, frame = mask_area(mask, width, height), (width, height)
+                   regions=(), mask=None, bounding_box=None):
+        if bounding_box is not None:
+            if mask is not None:
+                raise RegionError("bounding_box: connect either a mask or bounding boxes, not both")
+            areas, frame = pixel_boxes(bounding_box, width, height), (width, height)
+        elif mask is not None:
+            areas, frame = [mask_area(mask, width, height)], (width, height)
         else:
-            area = parse_box(box, units, width, height, label="box")
+            areas = [parse_box(box, units, width, height, label="box")]
             frame = (width, height) if units == "pixels" else None
-        region = encode_region(clip, prompt, negative_prompt, area, frame, adapter_weight)
-        return (tuple(regions) + (region,),)
+        region = encode_region(clip, prompt, negative_prompt, areas[0], frame, adapter_weight)
+        return (tuple(regions) + tuple(replace(region, area=area) for area in areas),)
 
 
 class RegionPromptImport:
@@ -159,3 +170,35 @@ class RegionPromptImport:
             for number, spec in enumerate(parse_prompt_rewrite(prompt_rewrite, width, height), start=1))
         return (tuple(regions) + imported,)
 
+
+
+class RegionsFromBoundingBoxes:
+    DESCRIPTION = ("One region per element of ComfyUI's 'Create Bounding Boxes' node: the element's box, with its "
+                   "description as the prompt (concept words such as '<potter1> <potter2>' work there). Feed the "
+                   "list to 'Apply Regions' or 'Regional Sampler', or chain more region nodes.")
+    CATEGORY = "mixofshow/regions"
+    RETURN_TYPES = (REGIONS_TYPE,)
+    OUTPUT_TOOLTIPS = ("The incoming regions plus one per element, in the elements' order.",)
+    FUNCTION = "add_regions"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "clip": ("CLIP", {"tooltip": "The CLIP that goes with the model (from 'EDLoRA Loader' for concept words)."}),
+                "elements": ("ARRAY", {"tooltip": "Create Bounding Boxes' elements: each a box on a 0..1000 grid "
+                                                  "[ymin, xmin, ymax, xmax] and a description."}),
+                "negative_prompt": ("STRING", {"multiline": True, "dynamicPrompts": True,
+                                               "tooltip": "Negative prompt used inside every one of these regions "
+                                                          "(may be empty)."}),
+                "adapter_weight": ADAPTER_WEIGHT_INPUT,
+            },
+            "optional": {"regions": REGIONS_INPUT},
+        }
+
+    def add_regions(self, clip, elements, negative_prompt, adapter_weight, regions=()):
+        added = tuple(
+            encode_region(clip, description, negative_prompt, box, None, adapter_weight,
+                          label=f"elements item {number} ")
+            for number, (description, box) in enumerate(element_boxes(elements), start=1))
+        return (tuple(regions) + added,)

@@ -9,7 +9,7 @@ from comfyui_mixofshow.harness import host
 
 host.add_host_to_path()
 PLUGIN = sys.modules["comfyui_mixofshow"]
-if not hasattr(PLUGIN, "NODE_CLASS_MAPPINGS"):
+if not hasattr(PLUGIN, "WEB_DIRECTORY"):
     _spec = importlib.util.spec_from_file_location(
         "comfyui_mixofshow", host.ROOT / "__init__.py", submodule_search_locations=[str(host.ROOT)])
     PLUGIN.__spec__ = _spec
