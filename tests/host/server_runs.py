@@ -78,7 +78,7 @@ def ui_to_api(ui, object_info):
             if name in linked:
                 inputs[name] = [str(linked[name][1]), linked[name][2]]
                 continue
-            if isinstance(kind, str) and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN"):
+            if isinstance(kind, str) and kind not in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
                 continue  # an unconnected socket
             inputs[name] = widgets.pop(0)
             if kind == "INT" and name in ("seed", "noise_seed"):

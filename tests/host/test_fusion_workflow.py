@@ -19,6 +19,7 @@ from safetensors import safe_open
 from comfyui_mixofshow.harness import demo_models, workflows
 from comfyui_mixofshow.mixofshow_core.fusion_stats import load_fusion_stats
 
+from .node_specs import combo_options
 from .server_runs import (assert_ui_matches_api, checked_pixels, only_image, prepared_server, run_image, running,
                           workflow_pair)
 
@@ -94,7 +95,7 @@ def test_fusion_workflow_saves_a_checkpoint_that_loads(run):
     # a second prompt: the saved checkpoint through Load Fused Model, same prompt and seed
     ckpt_name = checkpoint.relative_to(demo_models.host_models_dir(server) / "checkpoints").as_posix()
     info_list = client.object_info("MixOfShowLoadFusedModel")["MixOfShowLoadFusedModel"]
-    assert ckpt_name in info_list["input"]["required"]["ckpt_name"][0]
+    assert ckpt_name in combo_options(info_list["input"]["required"]["ckpt_name"])
     assert info_list["output"] == ["MODEL", "CLIP", "VAE", "FUSION_STATS"]
     sampler = graph[workflows.only_node(graph, "KSampler")]["inputs"]
     loaded = {

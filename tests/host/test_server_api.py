@@ -16,6 +16,7 @@ from comfyui_mixofshow.harness.edlora_fixtures import model_lora_shapes, random_
 from comfyui_mixofshow.mixofshow_core.edlora_format import (load_edlora, save_edlora, save_edlora_original,
                                                             to_original_dict)
 
+from .node_specs import combo_options
 from .server_runs import (assert_ui_matches_api, checked_pixels, pixels, prepared_server, run_image, running,
                           workflow_pair)
 
@@ -100,9 +101,9 @@ def test_object_info_lists_plugin_nodes(run):
             assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
     assert info["MixOfShowEDLoRALoader"]["output"] == ["MODEL", "CLIP"]
     assert info["MixOfShowEDLoRATextEncode"]["output"] == ["CONDITIONING"]
-    edlora_names = info["MixOfShowEDLoRALoader"]["input"]["required"]["edlora_name"][0]
+    edlora_names = combo_options(info["MixOfShowEDLoRALoader"]["input"]["required"]["edlora_name"])
     assert demo_models.DEMO_EDLORA in edlora_names
-    assert demo_models.DEMO_CHECKPOINT in info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
+    assert demo_models.DEMO_CHECKPOINT in combo_options(info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"])
 
 
 def renamed(graph, prefix, keep=("1",)):
