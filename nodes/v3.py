@@ -68,6 +68,34 @@ def node_output(result):
     return io.NodeOutput(*result)
 
 
+def combo_names(v1):
+    declared = v1.INPUT_TYPES()
+    return [name for section in ("required", "optional") for name, spec in declared.get(section, {}).items()
+            if isinstance(spec[0], (list, tuple))]
+
+
+def validate_inputs_of(v1):
+    """validate_inputs checking every combo value against its options, then the V1 node's own
+    VALIDATE_INPUTS. Its signature names the combo inputs and VALIDATE_INPUTS' arguments: the host
+    passes exactly those and keeps its own checks of every other input. (v0.3.64 checks combo
+    values of V1 nodes only, execution.py validate_inputs; 0.38 checks both.)"""
+    own = getattr(v1, "VALIDATE_INPUTS", None)
+    own_arguments = inspect.getfullargspec(own).args[1:] if own is not None else []
+    names = list(dict.fromkeys(combo_names(v1) + own_arguments))
+
+    def validate_inputs(cls, **inputs):
+        declared = v1.INPUT_TYPES()
+        for name in combo_names(v1):
+            options = {**declared.get("required", {}), **declared.get("optional", {})}[name][0]
+            if inputs.get(name) is not None and inputs[name] not in options:
+                return f"{name}: '{inputs[name]}' is not one of the {len(options)} options"
+        return own(**{name: inputs[name] for name in own_arguments if name in inputs}) if own is not None else True
+
+    validate_inputs.__signature__ = inspect.Signature(
+        [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in ["cls", *names]])
+    return validate_inputs
+
+
 def v3_node(node_id, v1, display_name):
     """An io.ComfyNode class that declares `v1`'s schema and runs its FUNCTION."""
     def define_schema(cls):
@@ -84,9 +112,8 @@ def v3_node(node_id, v1, display_name):
                "__doc__": v1.__doc__, "V1_CLASS": v1}
     if hasattr(v1, "IS_CHANGED"):
         methods["fingerprint_inputs"] = classmethod(fingerprint_inputs)
-    if hasattr(v1, "VALIDATE_INPUTS"):
-        # the host passes the inputs named in the function's own arguments (input_types included)
-        methods["validate_inputs"] = classmethod(v1.VALIDATE_INPUTS.__func__)
+    if hasattr(v1, "VALIDATE_INPUTS") or combo_names(v1):
+        methods["validate_inputs"] = classmethod(validate_inputs_of(v1))
     return type(v1.__name__, (io.ComfyNode,), methods)
 
 

@@ -69,6 +69,7 @@ class Echo:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"text": ("STRING", {"default": "a"}), "repeat": ("INT", {"default": 1, "min": 1})},
+                "optional": {"mode": (["plain", "loud"],)},
                 "hidden": {"node": "UNIQUE_ID"}}
 
     @classmethod
@@ -79,7 +80,8 @@ class Echo:
     def VALIDATE_INPUTS(cls, repeat):
         return True if repeat < 5 else "repeat: at most 4"
 
-    def run(self, text, repeat, node):
+    def run(self, text, repeat, node, mode="plain"):
+        text = text.upper() if mode == "loud" else text
         return {"ui": {"text": [node]}, "result": (text * repeat + node,)}
 
 
@@ -96,9 +98,13 @@ def test_execute_runs_the_v1_function_with_hidden_inputs_and_ui():
     assert isinstance(output, io.NodeOutput)
     assert output.args == ("abab17",) and output.ui == {"text": ["17"]}
     assert node.fingerprint_inputs(text="x", repeat=3) == "changed:x"
+    assert Running.EXECUTE_NORMALIZED(text="ab", repeat=1, mode="loud").args == ("AB17",)
     validate = first_override(node, "validate_inputs")
-    assert inspect.getfullargspec(validate).args == ["cls", "repeat"]  # the host passes only `repeat`
+    # the host passes these inputs only (and checks every other input itself)
+    assert inspect.getfullargspec(validate).args == ["cls", "mode", "repeat"]
     assert validate(repeat=2) is True and validate(repeat=9) == "repeat: at most 4"
+    assert validate(mode="loud", repeat=2) is True and validate(mode=None, repeat=2) is True  # None: a link
+    assert validate(mode="quiet", repeat=2) == "mode: 'quiet' is not one of the 2 options"
 
 
 @needs_v3
