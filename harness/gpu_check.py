@@ -79,7 +79,7 @@ def _load_plugin():
     bootstrap = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bootstrap)
     package = bootstrap.register_plugin_package()
-    if not hasattr(package, "NODE_CLASS_MAPPINGS"):
+    if not hasattr(package, "WEB_DIRECTORY"):
         package.__spec__ = importlib.util.spec_from_file_location(
             "comfyui_mixofshow", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
         package.__spec__.loader.exec_module(package)
