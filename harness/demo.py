@@ -6,17 +6,18 @@ into one model, sample them in regions.
     bash scripts/demo.sh --checkpoint sd15.safetensors --train photos/potter=man photos/hermione=woman
 
 The flow, one server, API workflows queued through POST /prompt:
-  1. workflows/edlora_train_api.json, once per concept to train: EDLoRA Train writes
+  1. workflows/api/edlora_train_api.json, once per concept to train: EDLoRA Train writes
      models/edlora/<name>.safetensors (plus its loss curve and α 0 / 0.7 / 1.0 previews);
-  2. workflows/edlora_txt2img_api.json: one image with the ED-LoRA(s) (EDLoRA Loader; several are
+  2. workflows/api/edlora_txt2img_api.json: one image with the ED-LoRA(s) (EDLoRA Loader; several are
      chained, a plain LoRA sum; the demo uses its first concept);
-  3. workflows/fuse_three_concepts_api.json: all ED-LoRAs fused (Gradient Fuse), saved as one
+  3. workflows/api/fuse_three_concepts_api.json: all ED-LoRAs fused (Gradient Fuse), saved as one
      checkpoint + .fusionstats (Save Fused Model), and an image of the concepts in one prompt;
-  4. workflows/regional_two_concepts_api.json: the saved checkpoint loaded with Load Fused Model,
+  4. workflows/api/regional_two_concepts_api.json: the saved checkpoint loaded with Load Fused Model,
      the first two concepts in two boxes over a keypose image (Regional Sampler).
 With no model given it generates (once) a seeded random SD1.5-topology checkpoint, drawings of a
-toy cat and a toy dog (captions and masks) and a random keypose ControlNet, trains <cat1> <cat2>
-and <dog1> <dog2> for a few steps at 64 px, and runs 2-4 on them; this only proves the pipeline
+toy cat, a toy dog and a toy owl (captions and masks) and a random keypose ControlNet, trains <cat1> <cat2>,
+<dog1> <dog2> and <owl1> <owl2> for a few steps at 64 px (the ED-LoRA names the shipped UI workflows
+default to), and runs 2-4 on them; this only proves the pipeline
 runs (the images are noise). With a real SD1.5 checkpoint, real ED-LoRA files (--edlora) and/or
 dataset folders (--train FOLDER[=class word]: images with same-name .txt captions that write the
 concept as <TOK>, masks in FOLDER/masks if present; the words become <folder1> <folder2>) are
@@ -52,14 +53,15 @@ _bootstrap()
 from comfyui_mixofshow.harness import server as harness_server  # noqa: E402
 from comfyui_mixofshow.harness.demo_data import PLACEHOLDER, write_concept_dataset  # noqa: E402
 from comfyui_mixofshow.harness.demo_models import (  # noqa: E402
-    DEMO_WORDS, RUN_DIR, ensure_demo_checkpoint, ensure_demo_controlnet, host_models_dir, link_model)
+    DEMO_WORDS, RUN_DIR, demo_edlora_name, ensure_demo_checkpoint, ensure_demo_controlnet, host_models_dir, link_model)
 from comfyui_mixofshow.harness.workflows import (  # noqa: E402
     FUSION_WORKFLOW, REGIONAL_WORKFLOW, TRAIN_WORKFLOW, WORKFLOW, build_fusion_prompt, build_prompt,
     build_regional_prompt, build_train_prompt, load_workflow, only_node, png_size, positive_text, region_labels,
     reported_files)
 
 DEMO_FUSED_PREFIX = "mixofshow_fused_demo"
-DEMO_TRAINING = (("cat", 1), ("dog", 2))  # (animal, drawing seed): words <cat1> <cat2>, <dog1> <dog2>
+# (animal, drawing seed): words <cat1> <cat2>, <dog1> <dog2>, <owl1> <owl2>; the three the shipped workflows use
+DEMO_TRAINING = (("cat", 1), ("dog", 2), ("owl", 3))
 RANDOM_INIT = "<rand-0.013>"  # the original's random initialiser for the first word
 
 
@@ -115,7 +117,7 @@ def demo_plan(args, run_dir):
     for animal, seed in DEMO_TRAINING:
         images, masks = write_concept_dataset(run_dir / "input" / f"mixofshow_demo_{animal}", animal, seed=seed)
         training.append(Training(animal, images, masks, (f"<{animal}1>", f"<{animal}2>"), (RANDOM_INIT, animal),
-                                 f"mixofshow_demo_trained_{animal}"))
+                                 Path(demo_edlora_name(animal)).stem))
     settings = dict(steps=args.train_steps or 6, batch_size=1, resolution=64, caption_template="object",
                     preview_steps=4)
     fuse = not args.no_fusion
@@ -207,7 +209,7 @@ class DemoRun:
                                    **self.plan.train_settings)
         settings = graph[only_node(graph, "MixOfShowEDLoRATrain")]["inputs"]
         steps = settings["steps"] or f"{settings['repeats']} repeats of"
-        self.announce(f"Queueing workflows/{TRAIN_WORKFLOW.name}: EDLoRA Train {' '.join(item.words)} on "
+        self.announce(f"Queueing workflows/api/{TRAIN_WORKFLOW.name}: EDLoRA Train {' '.join(item.words)} on "
                       f"{item.dataset}, {steps} steps, batch {settings['batch_size']}, {settings['resolution']} px")
         entry = self.run(graph)
         name = reported_files(entry, graph, "MixOfShowEDLoRATrain")[0]
@@ -222,7 +224,7 @@ class DemoRun:
                              plan.size, plan.steps, self.seed)
         latent = graph[only_node(graph, "EmptyLatentImage")]["inputs"]
         sampler = graph[only_node(graph, "KSampler")]["inputs"]
-        self.announce(f"Queueing workflows/{WORKFLOW.name}: {plan.checkpoint} + {', '.join(plan.txt2img_edloras)}, "
+        self.announce(f"Queueing workflows/api/{WORKFLOW.name}: {plan.checkpoint} + {', '.join(plan.txt2img_edloras)}, "
                       f"{latent['width']}x{latent['height']}, {sampler['steps']} steps, seed {sampler['seed']}\n"
                       f"  prompt: {positive_text(graph)}")
         self.save_images(self.run(graph), only_node(graph, "SaveImage"), "ED-LoRA txt2img image", "")
@@ -235,7 +237,7 @@ class DemoRun:
                                     None, plan.size, plan.size, plan.steps, self.seed, capture_steps=capture_steps,
                                     capture_resolution=capture_resolution, method=self.method,
                                     filename_prefix=plan.fused_prefix)
-        self.announce(f"Queueing workflows/{FUSION_WORKFLOW.name}: {self.method} fusion of "
+        self.announce(f"Queueing workflows/api/{FUSION_WORKFLOW.name}: {self.method} fusion of "
                       f"{', '.join(plan.edloras)} ({capture_steps} capture steps at {capture_resolution} px), "
                       f"saved with Save Fused Model, then sampled\n  prompt: {positive_text(graph)}")
         entry = self.run(graph)
@@ -259,7 +261,7 @@ class DemoRun:
                                       width=1024 if plan.real else None, height=512 if plan.real else None,
                                       steps=plan.steps if plan.real else None, seed=self.seed)
         latent = graph[only_node(graph, "EmptyLatentImage")]["inputs"]
-        self.announce(f"Queueing workflows/{REGIONAL_WORKFLOW.name} with Load Fused Model ({fused_name}): "
+        self.announce(f"Queueing workflows/api/{REGIONAL_WORKFLOW.name} with Load Fused Model ({fused_name}): "
                       f"regions {' | '.join(region_labels(graph))}, {latent['width']}x{latent['height']}, "
                       f"{'keypose ' + plan.controlnet if plan.controlnet else 'no keypose'}")
         self.save_images(self.run(graph), only_node(graph, "SaveImage"), "regional image (fused model)", "_regional")
@@ -347,7 +349,7 @@ def main(argv=None):
     plan = real_plan(args, run_dir) if args.checkpoint else demo_plan(args, run_dir)
     if not plan.real:
         print("NOTE: no model given, so this demo uses a RANDOM SD1.5-topology checkpoint and trains "
-              "<cat1> <cat2> and <dog1> <dog2> on generated drawings for a few steps. It only proves the pipeline "
+              "<cat1> <cat2>, <dog1> <dog2> and <owl1> <owl2> on generated drawings for a few steps. It only proves the pipeline "
               "runs: the images are noise.\n"
               "      For real images: bash scripts/demo.sh --checkpoint <SD1.5 file> --edlora <ED-LoRA file(s)> "
               "[--train <dataset folder(s)>] [--prompt ...]")

@@ -1,5 +1,5 @@
-"""Generated training sets for the demo's two concepts: seeded drawings of one toy animal each
-(a round orange "cat" with pointed ears, a brown "dog" with floppy ears) at varied places, sizes
+"""Generated training sets for the demo's three concepts: seeded drawings of one toy animal each
+(a round orange "cat" with pointed ears, a brown "dog" with floppy ears, a grey "owl" with ear tufts) at varied places, sizes
 and backgrounds, with same-name captions holding the placeholder and white-on-black masks.
 
 Each concept's folder looks like a user's: NN.png with its caption NN.txt, and masks/NN.png.
@@ -16,6 +16,7 @@ SETTINGS = ("on the grass", "under a blue sky", "on a sandy floor", "at night")
 ANIMALS = {
     "cat": {"body": (235, 140, 40), "ear": "pointed", "class_word": "cat"},
     "dog": {"body": (130, 85, 50), "ear": "floppy", "class_word": "dog"},
+    "owl": {"body": (150, 150, 160), "ear": "pointed", "class_word": "owl"},
 }
 
 

@@ -11,10 +11,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = ROOT / ".host" / "run"
 DEMO_CHECKPOINT = "mixofshow_demo_sd15.safetensors"
-DEMO_EDLORA = "mixofshow_demo_cat.safetensors"
+# Random stand-ins for the ED-LoRAs the demo trains, under the names the demo gives them (the shipped
+# workflows default to those), kept apart from the demo's own files in run_dir/fixtures/edlora.
+FIXTURE_EDLORA_DIR = Path("fixtures") / "edlora"
+DEMO_EDLORA = "mixofshow_demo_trained_cat.safetensors"
 DEMO_WORDS = ("<cat1>", "<cat2>")
 DEMO_SEED = 0
-# further random concepts: (name, seed); files mixofshow_demo_<name>.safetensors
+# further random concepts: (name, seed); files mixofshow_demo_trained_<name>.safetensors
 DEMO_CONCEPTS = (("dog", 20), ("owl", 22))
 DEMO_CONTROLNET = "mixofshow_demo_keypose_controlnet.safetensors"
 
@@ -35,7 +38,7 @@ def ensure_demo_checkpoint(run_dir=RUN_DIR, log=print):
     with torch.inference_mode():  # building the host's CLIP needs it (harness.md §4)
         models.write_checkpoint(str(tmp), seed=DEMO_SEED)
     os.replace(tmp, checkpoint)
-    (Path(run_dir) / "models" / "edlora" / DEMO_EDLORA).unlink(missing_ok=True)  # shaped for the old file
+    (Path(run_dir) / FIXTURE_EDLORA_DIR / DEMO_EDLORA).unlink(missing_ok=True)  # shaped for the old file
     log(f"  done in {time.perf_counter() - start:.1f} s")
     return checkpoint
 
@@ -44,7 +47,7 @@ def ensure_demo_models(run_dir=RUN_DIR, log=print):
     """Generates (if missing) the random demo checkpoint and demo ED-LoRA in run_dir/models;
     returns their paths. Loads ComfyUI in this process (on the CPU) to shape the ED-LoRA."""
     checkpoint = ensure_demo_checkpoint(run_dir, log)
-    edlora = Path(run_dir) / "models" / "edlora" / DEMO_EDLORA
+    edlora = Path(run_dir) / FIXTURE_EDLORA_DIR / DEMO_EDLORA
     if edlora.is_file():
         return checkpoint, edlora
     log(f"Generating the random demo ED-LoRA {edlora} (words {' '.join(DEMO_WORDS)}) ...")
@@ -66,12 +69,17 @@ def ensure_demo_models(run_dir=RUN_DIR, log=print):
     return checkpoint, edlora
 
 
+def demo_edlora_name(animal):
+    """The file name the demo gives its trained ED-LoRA of <animal1> <animal2>."""
+    return f"mixofshow_demo_trained_{animal}.safetensors"
+
+
 def write_demo_concept(cat_path, name, seed, folder):
     """A random ED-LoRA for <name1> <name2> on the layers (and shapes) of the demo ED-LoRA, in
     folder (if missing); returns its path."""
     from .edlora_fixtures import random_edlora
     from ..mixofshow_core.edlora_format import load_edlora, save_edlora
-    path = Path(folder) / f"mixofshow_demo_{name}.safetensors"
+    path = Path(folder) / demo_edlora_name(name)
     if path.is_file() and path.stat().st_mtime >= Path(cat_path).stat().st_mtime:
         return path
     cat = load_edlora(str(cat_path))
@@ -88,7 +96,7 @@ def write_demo_concept(cat_path, name, seed, folder):
 def ensure_demo_concepts(run_dir=RUN_DIR, log=print):
     """The demo checkpoint and the three demo ED-LoRAs (cat, dog, owl): (checkpoint, [paths])."""
     checkpoint, cat = ensure_demo_models(run_dir, log)
-    folder = Path(run_dir) / "models" / "edlora"
+    folder = Path(run_dir) / FIXTURE_EDLORA_DIR
     return checkpoint, [cat] + [write_demo_concept(cat, name, seed, folder) for name, seed in DEMO_CONCEPTS]
 
 

@@ -1,4 +1,4 @@
-"""The shipped API workflows (workflows/*_api.json) filled in for one run: model names, prompts,
+"""The shipped API workflows (workflows/api/*_api.json) filled in for one run: model names, prompts,
 sizes, steps. Plain dict edits on ComfyUI's API format; nothing here imports ComfyUI."""
 import copy
 import json
@@ -6,10 +6,11 @@ import struct
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = ROOT / "workflows" / "edlora_txt2img_api.json"
-TRAIN_WORKFLOW = ROOT / "workflows" / "edlora_train_api.json"
-FUSION_WORKFLOW = ROOT / "workflows" / "fuse_three_concepts_api.json"
-REGIONAL_WORKFLOW = ROOT / "workflows" / "regional_two_concepts_api.json"
+API_WORKFLOWS = ROOT / "workflows" / "api"
+WORKFLOW = API_WORKFLOWS / "edlora_txt2img_api.json"
+TRAIN_WORKFLOW = API_WORKFLOWS / "edlora_train_api.json"
+FUSION_WORKFLOW = API_WORKFLOWS / "fuse_three_concepts_api.json"
+REGIONAL_WORKFLOW = API_WORKFLOWS / "regional_two_concepts_api.json"
 
 
 def load_workflow(path=WORKFLOW):

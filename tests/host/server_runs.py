@@ -58,8 +58,9 @@ def checked_pixels(png, size):
 
 # -- UI-format workflows ---------------------------------------------------------------------
 def workflow_pair(name):
-    """(UI workflow, API workflow) of workflows/<name>.json and <name>_api.json."""
-    return workflows.load_workflow(WORKFLOWS / f"{name}.json"), workflows.load_workflow(WORKFLOWS / f"{name}_api.json")
+    """(UI workflow, API workflow) of workflows/<name>.json and workflows/api/<name>_api.json."""
+    return (workflows.load_workflow(WORKFLOWS / f"{name}.json"),
+            workflows.load_workflow(workflows.API_WORKFLOWS / f"{name}_api.json"))
 
 
 def ui_to_api(ui, object_info):
@@ -83,6 +84,8 @@ def ui_to_api(ui, object_info):
             inputs[name] = widgets.pop(0)
             if kind == "INT" and name in ("seed", "noise_seed"):
                 assert widgets.pop(0) in ("fixed", "increment", "decrement", "randomize")
+            if options and options[0].get("image_upload") and widgets[:1] == ["image"]:
+                widgets.pop(0)  # the upload button's value, which graphToPrompt does not send
         assert not widgets, f"node {node['id']} {node['type']}: unused widget values {widgets}"
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt

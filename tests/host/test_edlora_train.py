@@ -345,7 +345,7 @@ def test_workflows_match_the_node_inputs():
     types = EDLoRATrain.INPUT_TYPES()
     inputs = {**types["required"], **types["optional"]}
     widgets = [n for n, spec in inputs.items() if spec[0] not in ("MODEL", "CLIP", "VAE")]
-    api = json.loads((ROOT / "workflows" / "edlora_train_api.json").read_text())
+    api = json.loads((ROOT / "workflows" / "api" / "edlora_train_api.json").read_text())
     train = next(node for node in api.values() if node["class_type"] == "MixOfShowEDLoRATrain")
     assert set(train["inputs"]) == set(inputs)
     for name in widgets:

@@ -53,7 +53,7 @@ def fusion_graph(names):
 def test_shipped_workflow_fuses_the_three_demo_concepts():
     graph = workflows.load_workflow(workflows.FUSION_WORKFLOW)
     names = [graph[k]["inputs"]["edlora_name"] for k in workflows.concept_chain(graph)]
-    assert names == [demo_models.DEMO_EDLORA] + [f"mixofshow_demo_{n}.safetensors"
+    assert names == [demo_models.DEMO_EDLORA] + [demo_models.demo_edlora_name(n)
                                                  for n, _ in demo_models.DEMO_CONCEPTS]
     assert workflows.positive_text(graph) == PROMPT
     fuse = graph[workflows.only_node(graph, "MixOfShowGradientFuse")]["inputs"]

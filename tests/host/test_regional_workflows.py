@@ -39,7 +39,7 @@ def test_pose_images_are_the_workflows_size():
 
 def api_workflow(scene, pose):
     """The shipped API workflow with the test's adapter, the uploaded pose and a short run."""
-    graph = workflows.load_workflow(WORKFLOWS / f"regional_{scene}_concepts_api.json")
+    graph = workflows.load_workflow(WORKFLOWS / "api" / f"regional_{scene}_concepts_api.json")
     changes = {"ControlNetLoader": {"control_net_name": demo_models.DEMO_CONTROLNET}, "LoadImage": {"image": pose},
                "EmptyLatentImage": {"width": WIDTH, "height": HEIGHT}, "KSampler": {"steps": STEPS}}
     for node in graph.values():
