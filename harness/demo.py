@@ -178,10 +178,12 @@ class DemoRun:
         self.fused_files = []
         self.total = len(plan.training) + 1 + (2 if plan.fuse else 0)
         self.number = 0
+        self.step = "starting"
 
     def announce(self, text):
         self.number += 1
-        print(f"[{self.number}/{self.total}] {text}")
+        self.step = f"[{self.number}/{self.total}] {text}"
+        print(self.step)
 
     def run(self, graph):
         start = time.perf_counter()
@@ -246,6 +248,10 @@ class DemoRun:
         self.fused_files = [host_models_dir(self.server) / name for name in saved]
         for path in self.fused_files:
             print(f"  Save Fused Model wrote {path}")
+        if not plan.real:  # each run saves a new ~0.5 GB demo checkpoint: drop the older ones now
+            for old in (host_models_dir(self.server) / "checkpoints").glob(f"{DEMO_FUSED_PREFIX}_*_.*"):
+                if old not in self.fused_files:
+                    old.unlink()
         return Path(saved[0]).relative_to("checkpoints").as_posix()
 
     def regional(self, fused_name):
@@ -325,16 +331,19 @@ def parse_args(argv):
     return args
 
 
-def start_server(run_dir, cpu, plan):
+def failure_line(error):
+    """An error as one line: ComfyUI's messages joined with ' | ', other errors with their type."""
+    text = " | ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text if isinstance(error, harness_server.ComfyError) else f"{type(error).__name__}: {text}"
+
+
+def start_server(run_dir, cpu):
     """(server, whether this run started it)."""
     server = harness_server.Server(run_dir, cpu=cpu)
     running = server.recorded_pid()
     if running is not None:
         print(f"Using the ComfyUI server already running from {run_dir} (pid {running}, {server.url})")
         return server, False
-    if plan.fuse and not plan.real:  # each run saves a new ~0.5 GB demo checkpoint: drop the older ones
-        for old in (host_models_dir(server) / "checkpoints").glob(f"{DEMO_FUSED_PREFIX}_*_.*"):
-            old.unlink()
     print(f"Starting ComfyUI ({server.host_dir}) headless on "
           f"{'the CPU' if cpu else 'the device ComfyUI picks (CUDA is available)'}; log {server.log_path}")
     start = time.perf_counter()
@@ -355,12 +364,12 @@ def main(argv=None):
               "[--train <dataset folder(s)>] [--prompt ...]")
     check_prompt(plan)
     import torch
-    server, started = start_server(run_dir, args.cpu or not torch.cuda.is_available(), plan)
+    server, started = start_server(run_dir, args.cpu or not torch.cuda.is_available())
     demo = DemoRun(server.client(timeout=60), server, plan, Path(args.out).resolve(), args.method, args.seed)
     try:
         demo.all()
-    except harness_server.ComfyError as e:
-        raise SystemExit(f"ComfyUI reported an error:\n{e}\n(server log: {server.log_path})")
+    except (harness_server.ComfyError, OSError) as e:  # OSError: HTTP errors and timeouts left after retries
+        raise SystemExit(f"demo failed at {demo.step.splitlines()[0]}: {failure_line(e)} (server log: {server.log_path})")
     finally:
         if started:
             server.stop()

@@ -61,20 +61,38 @@ class ComfyError(RuntimeError):
         self.details = details or {}
 
 
-class ComfyClient:
-    """A small client for ComfyUI's HTTP API (both the 2024 host and current ComfyUI)."""
+def is_transient(error):
+    """A socket timeout or a dropped connection (a busy server), not a refusal or an HTTP error."""
+    if isinstance(error, urllib.error.HTTPError):
+        return False
+    if isinstance(error, urllib.error.URLError):
+        error = error.reason
+    return isinstance(error, (TimeoutError, ConnectionResetError, ConnectionAbortedError))
 
-    def __init__(self, url, timeout=30):
+
+class ComfyClient:
+    """A small client for ComfyUI's HTTP API (both the 2024 host and current ComfyUI). Reads (GET)
+    are retried `retries` times after a transient error; POSTs are not (a prompt must not run twice)."""
+
+    def __init__(self, url, timeout=30, retries=3):
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.retries = retries
         self.client_id = uuid.uuid4().hex
 
     def _request(self, path, data=None, method=None):
         body = None if data is None else json.dumps(data).encode()
-        request = urllib.request.Request(self.url + path, data=body, method=method,
-                                         headers={"Content-Type": "application/json"} if body else {})
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            return response.read()
+        attempts = 1 if body is not None or method not in (None, "GET") else 1 + self.retries
+        for attempt in range(1, attempts + 1):
+            request = urllib.request.Request(self.url + path, data=body, method=method,
+                                             headers={"Content-Type": "application/json"} if body else {})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return response.read()
+            except (urllib.error.URLError, OSError) as e:
+                if attempt == attempts or not is_transient(e):
+                    raise
+                time.sleep(attempt)
 
     def get_json(self, path):
         return json.loads(self._request(path))

@@ -1,7 +1,14 @@
-"""The main command's plans: what `scripts/demo.sh` options turn into (no server)."""
+"""The main command's plans: what `scripts/demo.sh` options turn into, and how its HTTP client
+rides out a busy server (a local stand-in server, no ComfyUI)."""
+import http.server
+import json
+import threading
+import time
+
 import pytest
 
 from comfyui_mixofshow.harness import demo, workflows
+from comfyui_mixofshow.harness import server as harness_server
 
 
 def test_train_option_names_the_words_after_the_folder(tmp_path):
@@ -38,3 +45,58 @@ def test_options_without_their_model_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         demo.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+class SlowOnceHandler(http.server.BaseHTTPRequestHandler):
+    """Answers GET /history/p and POST /prompt; the first request of each sleeps past the client's timeout."""
+    seen = []
+
+    def answer(self):
+        self.seen.append((self.command, self.path))
+        if [c for c, _ in self.seen].count(self.command) == 1:
+            time.sleep(1.0)
+        body = json.dumps({"p": {"status": {"status_str": "success"}, "outputs": {}}}).encode()
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up on this one
+
+    do_GET = do_POST = answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def slow_server():
+    SlowOnceHandler.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowOnceHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_history_poll_that_times_out_is_retried(slow_server):
+    client = harness_server.ComfyClient(slow_server, timeout=0.3)
+    assert client.wait("p")["status"]["status_str"] == "success"
+    assert SlowOnceHandler.seen[:2] == [("GET", "/history/p"), ("GET", "/history/p")]
+
+
+def test_a_prompt_post_is_never_sent_twice(slow_server):
+    client = harness_server.ComfyClient(slow_server, timeout=0.3)
+    with pytest.raises(TimeoutError):
+        client.queue({})
+    assert SlowOnceHandler.seen == [("POST", "/prompt")]
+
+
+def test_failures_are_reported_in_one_line():
+    rejected = harness_server.ComfyError("POST /prompt rejected (HTTP 400): Prompt outputs failed validation\n"
+                                         "  node 3 (KSampler): Value too big: steps\n")
+    assert demo.failure_line(rejected) == ("POST /prompt rejected (HTTP 400): Prompt outputs failed validation | "
+                                           "node 3 (KSampler): Value too big: steps")
+    assert demo.failure_line(TimeoutError("timed out")) == "TimeoutError: timed out"
