@@ -11,6 +11,7 @@ import pytest
 
 from comfyui_mixofshow.harness import demo, demo_models, workflows
 
+from .node_specs import plain_spec
 from .server_runs import VIRTUAL_NODES, WORKFLOWS, prepared_server, running, ui_to_api
 
 UI_WORKFLOWS = sorted(WORKFLOWS.glob("*.json"))
@@ -54,9 +55,9 @@ def spec_of(info, class_type, name):
     return inputs.get("required", {}).get(name) or inputs.get("optional", {}).get(name)
 
 
-def value_problem(kind, options, value):
-    """Why `value` is no valid widget value of this input type (None when it is)."""
-    choices = kind if isinstance(kind, list) else options.get("options") if kind == "COMBO" else None
+def value_problem(spec, value):
+    """Why `value` is no valid widget value of this input (None when it is)."""
+    kind, choices, options = plain_spec(spec)
     if choices is not None:
         return None if value in choices else f"{value!r} is not among {choices}"
     if kind not in WIDGET_TYPES:
@@ -84,14 +85,14 @@ def prompt_problems(prompt, info):
             if spec is None:
                 problems.append(f"{where}: no input {name}")
                 continue
-            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+            kind = spec[0]
             if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
                 source = prompt.get(value[0])
                 output = info.get(source["class_type"], {}).get("output", []) if source else []
                 given = output[value[1]] if value[1] < len(output) else None
                 if kind not in (given, "*") and given not in str(kind).split(","):
                     problems.append(f"{where}: {name} linked to {value} giving {given}, expects {kind}")
-            elif (problem := value_problem(kind, options, value)) is not None:
+            elif (problem := value_problem(spec, value)) is not None:
                 problems.append(f"{where}: {name}: {problem}")
     return problems
 
