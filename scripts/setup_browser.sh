@@ -2,13 +2,16 @@
 # Installs what the region editor browser tests (tests/browser) need, idempotently:
 #   chromium     Debian's package (apt-get), driven headless; PLAYWRIGHT'S OWN BROWSER DOWNLOAD IS NOT USED
 #   playwright   the Python package (it ships its node driver) in the test venv
-# Without chromium the browser tests skip; with chromium they need playwright.
+#   frontend     comfyui-frontend-package==1.58.1 (PyPI, --no-deps) in .host/frontends/1.58.1, outside the
+#                tracked tree; the tests serve it with --front-end-root (MIXOFSHOW_FRONTEND=1.58.1, 1.58.1-vue)
+# When one of them is missing the browser tests skip, naming it.
 # Environment: PYTHON (interpreter whose environment gets playwright, default .venv/bin/python),
 #              MIXOFSHOW_CHROMIUM (use that chromium binary; skips apt-get).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-.venv/bin/python}
 PLAYWRIGHT="playwright==1.65.2"
+FRONTEND_VERSION=1.58.1
 start=$(date +%s)
 
 chromium=${MIXOFSHOW_CHROMIUM:-$(command -v chromium || command -v chromium-browser || true)}
@@ -24,6 +27,16 @@ fi
 if ! "$PY" -c 'import playwright.sync_api' >/dev/null 2>&1; then
     echo "setup_browser: pip install $PLAYWRIGHT into $("$PY" -c 'import sys; print(sys.prefix)')"
     "$PY" -m pip install --disable-pip-version-check --progress-bar off -q "$PLAYWRIGHT"
+fi
+
+frontend=.host/frontends/$FRONTEND_VERSION
+if [ ! -f "$frontend/comfyui_frontend_package/static/index.html" ]; then
+    echo "setup_browser: pip install --no-deps comfyui-frontend-package==$FRONTEND_VERSION into $frontend"
+    rm -rf "$frontend.partial"
+    "$PY" -m pip install --disable-pip-version-check --progress-bar off -q --no-deps --no-compile \
+        --target "$frontend.partial" "comfyui-frontend-package==$FRONTEND_VERSION"
+    rm -rf "$frontend"
+    mv "$frontend.partial" "$frontend"
 fi
 
 # one launch of the system chromium through playwright proves the pair works

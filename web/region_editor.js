@@ -9,8 +9,12 @@
 // The boxes of the other regions of the chain are drawn dashed, each colour-coded and numbered in the
 // order the sampler receives them. "Region Prompt Import" nodes get the same canvas, read-only.
 //
-// Works on the 2024 vanilla-JS frontend and on the current (Vue) frontend: it only uses
-// app.registerExtension, node.addDOMWidget, node.widgets and the litegraph node link helpers.
+// Works on the 2024 vanilla-JS frontend and on the current frontend in both of its renderers, the classic
+// canvas and Nodes 2.0 (Vue components, where nodes are not drawn on the graph canvas): it uses
+// app.registerExtension, node.addDOMWidget, node.widgets and the node link methods both litegraph versions
+// have (isInputConnected, getInputNode, getOutputNodes). It redraws on its own timer and when its canvas is
+// resized, not only when the graph canvas draws the node, and shows its "#n" title chip on the canvas or,
+// in Nodes 2.0, as an element in the node's header.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { formatBox, fullBox, isFullBox, parsePromptRewrite, tryParseBox } from "./region_box.js";
@@ -23,9 +27,11 @@ const WIDGET_NAME = "region_editor";
 const COLORS = ["#ff4d6d", "#3ddc84", "#4d9bff", "#ffb020", "#c77dff", "#2ee6d6", "#ff7ad9", "#c5e84a"];
 const HANDLE = 6; // half size of a corner handle, CSS px
 const STATUS_HEIGHT = 18;
+const MIN_HEIGHT = 150; // CSS px of the editor
 const PAD = 4;
 const MIN_DRAG = 4; // CSS px: shorter drags, and boxes narrower than this, change nothing
 const MAX_WALK = 200;
+const REFRESH_MS = 200; // how often every editor checks the graph for changes it has not drawn yet
 const imageCache = new Map(); // url -> {img, ok, waiting: Set<editor>}
 
 export function regionColor(index) {
@@ -54,28 +60,26 @@ function inputSlot(node, name) {
     return node?.inputs?.findIndex((input) => input.name === name) ?? -1;
 }
 
+// Links through the node methods, never input.link / output.links (deprecated since frontend 1.58).
 function inputLinked(node, name) {
     const slot = inputSlot(node, name);
-    return slot >= 0 && node.inputs[slot].link != null;
+    return slot >= 0 && !!node.graph && node.isInputConnected(slot);
+}
+
+function inputNode(node, slot) {
+    return node.graph && node.isInputConnected(slot) ? node.getInputNode(slot) : null;
+}
+
+function outputNodes(node, slot) {
+    return (node.graph && node.getOutputNodes(slot)) || [];
 }
 
 function upstream(node) {
-    const out = [];
-    (node.inputs ?? []).forEach((input, slot) => {
-        if (input.link == null) return;
-        const source = node.getInputNode?.(slot);
-        if (source) out.push(source);
-    });
-    return out;
+    return (node.inputs ?? []).map((_, slot) => inputNode(node, slot)).filter(Boolean);
 }
 
 function downstream(node) {
-    const out = [];
-    (node.outputs ?? []).forEach((output, slot) => {
-        if (!output.links?.length) return;
-        for (const target of node.getOutputNodes?.(slot) ?? []) if (target) out.push(target);
-    });
-    return out;
+    return (node.outputs ?? []).flatMap((_, slot) => outputNodes(node, slot)).filter(Boolean);
 }
 
 function graphNodes(node) {
@@ -91,8 +95,7 @@ function regionChain(node) {
     const up = [];
     for (let cur = node; up.length < MAX_WALK;) {
         const slot = inputSlot(cur, "regions");
-        if (slot < 0 || cur.inputs[slot].link == null) break;
-        const prev = cur.getInputNode?.(slot);
+        const prev = slot < 0 ? null : inputNode(cur, slot);
         if (!prev || seen.has(prev) || !isRegionNode(prev)) break;
         seen.add(prev);
         up.unshift(prev);
@@ -100,7 +103,7 @@ function regionChain(node) {
     }
     const down = [];
     for (let cur = node; down.length < MAX_WALK;) {
-        const next = (cur.getOutputNodes?.(0) ?? []).find((n) => n && isRegionNode(n) && !seen.has(n));
+        const next = outputNodes(cur, 0).find((n) => n && isRegionNode(n) && !seen.has(n));
         if (!next) break;
         seen.add(next);
         down.push(next);
@@ -214,16 +217,20 @@ class RegionEditor {
         this.readOnly = classOf(node) === REGION_IMPORT;
         this.element = document.createElement("div");
         this.element.className = "mixofshow-region-editor";
+        // The canvas is positioned absolutely so that it never sizes the element: the classic renderers set the
+        // element's size from the node, Nodes 2.0 lets it fill the rows the node's own size leaves.
         Object.assign(this.element.style, { position: "relative", overflow: "hidden", boxSizing: "border-box",
-                                            minHeight: "60px", background: "#151515", borderRadius: "4px" });
+                                            minHeight: `${MIN_HEIGHT}px`, background: "#151515",
+                                            borderRadius: "4px" });
         this.canvas = document.createElement("canvas");
         this.canvas.tabIndex = 0;
         this.canvas.title = this.readOnly
             ? "Boxes of the imported prompt_rewrite (edit the text to change them)"
             : "Drag to draw the region's box, drag inside it to move it, drag a corner to resize it; "
               + "right-click or Delete removes it (the region covers the whole image again).";
-        Object.assign(this.canvas.style, { display: "block", width: "100%", height: "100%", outline: "none",
-                                           cursor: "crosshair", touchAction: "none" });
+        Object.assign(this.canvas.style, { position: "absolute", left: "0", top: "0", display: "block",
+                                           width: "100%", height: "100%", outline: "none", cursor: "crosshair",
+                                           touchAction: "none" });
         this.element.appendChild(this.canvas);
         this.drag = null;
         this.liveBox = null;
@@ -232,8 +239,13 @@ class RegionEditor {
         this.referenceCheckedAt = 0;
         this.reference = null;
         this.drawCount = 0;
+        this.drawn = null;
+        this.chip = null;
         this.lastUnits = value(node, "units", "normalized");
         this.bind();
+        // shown again after a zoom-out hid it, or resized: draw at the new size before the next paint
+        this.resizeObserver = new ResizeObserver(() => this.tick());
+        this.resizeObserver.observe(this.canvas);
     }
 
     // -- geometry ---------------------------------------------------------------------------
@@ -317,12 +329,37 @@ class RegionEditor {
         }
     }
 
+    /** Whether the canvas is on the page with a size (not hidden by a zoom-out, a collapse or another tab). */
+    shown() {
+        return this.canvas.isConnected && this.canvas.clientWidth > 0 && this.canvas.clientHeight > 0;
+    }
+
     tick() {
         this.refreshReference();
         this.lastUnits = value(this.node, "units", "normalized");
-        if (this.drag) return;
+        this.updateHeaderChip();
+        if (this.drag || !this.shown()) return;
         const signature = this.computeSignature();
         if (signature !== this.signature) this.redraw();
+    }
+
+    /** In Nodes 2.0 the node's header is an element: the "#n" chip is one inside it (classic: drawTitleChip). */
+    updateHeaderChip() {
+        const header = this.element.closest("[data-node-id]")?.querySelector(".lg-node-header");
+        const chip = header && titleChip(this.node);
+        if (!chip) {
+            this.chip?.remove();
+            return;
+        }
+        if (!this.chip) {
+            this.chip = document.createElement("span");
+            this.chip.className = "mixofshow-region-chip";
+            Object.assign(this.chip.style, { font: "bold 12px sans-serif", color: "#000", padding: "1px 5px",
+                                             borderRadius: "3px", flex: "none", marginLeft: "4px" });
+        }
+        if (this.chip.parentElement !== header.firstElementChild) header.firstElementChild.appendChild(this.chip);
+        this.chip.textContent = chip.label;
+        this.chip.style.background = chip.color;
     }
 
     sync() {
@@ -341,7 +378,7 @@ class RegionEditor {
                 index: r.index, nodeId: r.node.id, box: r.box ?? null, error: r.error ?? null, prompt: r.prompt })),
             reference: this.reference ? { url: this.reference.url, label: this.reference.label, how: this.reference.how,
                                           loaded: !!imageCache.get(this.reference.url)?.ok } : null,
-            lock: this.lockReason(), frame: { ...this.frame }, drawCount: this.drawCount,
+            lock: this.lockReason(), frame: { ...this.frame }, drawCount: this.drawCount, drawn: this.drawn,
             size: this.frameSize(), units: value(this.node, "units", "normalized"),
         };
     }
@@ -484,6 +521,7 @@ class RegionEditor {
 
     // -- drawing ----------------------------------------------------------------------------
     redraw() {
+        if (!this.shown()) return; // a hidden canvas keeps its picture and its signature: drawn once shown
         const { cssW, cssH } = this.layout();
         const ratio = window.devicePixelRatio || 1;
         const pxW = Math.round(cssW * ratio), pxH = Math.round(cssH * ratio);
@@ -502,10 +540,12 @@ class RegionEditor {
         ctx.fillStyle = "#000";
         ctx.fillRect(f.x, f.y, f.w, f.h);
         let refLabel = "blank";
+        let imageDrawn = null;
         if (this.reference?.url) {
             const entry = loadImage(this.reference.url, this);
             if (entry.ok) {
                 ctx.drawImage(entry.img, f.x, f.y, f.w, f.h);
+                imageDrawn = this.reference.url;
                 refLabel = this.reference.label;
                 const iw = entry.img.naturalWidth, ih = entry.img.naturalHeight;
                 if (iw && ih && Math.abs(Math.log((iw / ih) / (width / height))) > 0.02) {
@@ -576,6 +616,8 @@ class RegionEditor {
         ctx.fillText(fit(ctx, right.text, room), cssW - PAD - 2, y);
         this.signature = this.computeSignature();
         this.drawCount += 1;
+        this.drawn = { image: imageDrawn, canvas: [this.canvas.width, this.canvas.height], regions: regions.map((r) => ({
+            index: r.index, nodeId: r.node.id, box: r.node === this.node && this.liveBox ? { ...this.liveBox } : r.box ?? null })) };
     }
 
     drawBox(ctx, box, color, label, { dashed = false, alpha = 1, handles = false, fill = true } = {}) {
@@ -637,6 +679,13 @@ function chainCallback(object, name, after) {
     };
 }
 
+const editors = new Set(); // every editor on the page, refreshed by one timer
+let refreshTimer = null;
+
+function refreshAll() {
+    for (const editor of editors) editor.tick();
+}
+
 function attachEditor(node) {
     if (node.mixofshowRegionEditor || !node.addDOMWidget) return;
     const editor = new RegionEditor(node);
@@ -644,16 +693,15 @@ function attachEditor(node) {
     const preferredHeight = () => {
         const { width, height } = editor.frameSize();
         const inner = Math.max(120, (node.size?.[0] ?? 360) - 20 - 2 * PAD);
-        return Math.round(Math.min(520, Math.max(150, (inner * height) / width + STATUS_HEIGHT + 2 * PAD + 20)));
+        return Math.round(Math.min(520, Math.max(MIN_HEIGHT, (inner * height) / width + STATUS_HEIGHT + 2 * PAD + 20)));
     };
     const w = node.addDOMWidget(WIDGET_NAME, "mixofshow_region_editor", editor.element, {
         serialize: false,
         hideOnZoom: true,
         getValue: () => undefined,
         setValue: () => {},
-        getMinHeight: () => 150,
+        getMinHeight: () => MIN_HEIGHT,
         getHeight: () => preferredHeight(),
-        onDraw: () => editor.tick(),
     });
     w.serialize = false; // no entry of its own in saved widgets_values (current frontend)
     editor.widget = w;
@@ -666,35 +714,49 @@ function attachEditor(node) {
     if (units) chainCallback(units, "callback", () => editor.unitsChanged(units.value));
     chainCallback(node, "onDrawForeground", function (ctx) {
         editor.tick();
-        drawTitleChip(this, ctx, editor);
+        drawTitleChip(this, ctx);
     });
     chainCallback(node, "onConnectionsChange", () => editor.sync());
     chainCallback(node, "onResize", () => editor.sync());
+    chainCallback(node, "onRemoved", () => {
+        editors.delete(editor);
+        editor.chip?.remove();
+    });
 
     if (node.size && node.size[0] < 340) {
         node.setSize?.([340, node.size[1]]);
     }
+    editors.add(editor);
+    refreshTimer ??= setInterval(refreshAll, REFRESH_MS);
     requestAnimationFrame(() => editor.sync());
 }
 
-function drawTitleChip(node, ctx, editor) {
-    if (node.flags?.collapsed) return;
+/** The "#n" (or "#n-m" for an Import node) chip of a region node: {label, color}, or null. */
+function titleChip(node) {
+    if (node.flags?.collapsed) return null;
     const own = chainRegions(node).filter((r) => r.node === node);
-    if (!own.length) return;
-    const titleHeight = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+    if (!own.length) return null;
     const label = own.length === 1 ? `#${own[0].index}` : `#${own[0].index}-${own[own.length - 1].index}`;
+    return { label, color: regionColor(own[0].index) };
+}
+
+/** The chip on the title bar the classic renderers draw (Nodes 2.0 does not call onDrawForeground). */
+function drawTitleChip(node, ctx) {
+    const chip = titleChip(node);
+    if (!chip) return;
+    const titleHeight = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
     ctx.save();
     ctx.font = "bold 12px sans-serif";
-    const tw = ctx.measureText(label).width + 10;
+    const tw = ctx.measureText(chip.label).width + 10;
     const x = node.size[0] - tw - 6, y = -titleHeight + 6;
-    ctx.fillStyle = regionColor(own[0].index);
+    ctx.fillStyle = chip.color;
     ctx.beginPath();
     ctx.rect(x, y, tw, titleHeight - 12);
     ctx.fill();
     ctx.fillStyle = "#000";
     ctx.textBaseline = "middle";
     ctx.textAlign = "center";
-    ctx.fillText(label, x + tw / 2, y + (titleHeight - 12) / 2);
+    ctx.fillText(chip.label, x + tw / 2, y + (titleHeight - 12) / 2);
     ctx.restore();
 }
 

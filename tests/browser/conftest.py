@@ -1,14 +1,21 @@
-"""Headless Chromium against the embedded host's frontend, served by a real ComfyUI server.
+"""Headless Chromium on a ComfyUI frontend served by a real ComfyUI server.
 
-Needs Debian's chromium (`apt-get install -y chromium`) and the Python package playwright
-(`pip install playwright`; its own browser download, `playwright install`, is never used: the
-tests launch the system chromium through executable_path). Without a chromium the tests skip.
-With MIXOFSHOW_COMFYUI=/path/to/ComfyUI (pytest run by that checkout's Python) the same tests run
-against a current ComfyUI and its frontend (comfyui-frontend-package).
+Needs Debian's chromium, the Python package playwright (its own browser download, `playwright install`,
+is never used: the tests launch the system chromium through executable_path) and, for frontend 1.58.1,
+comfyui-frontend-package==1.58.1 in .host/frontends/1.58.1; `bash scripts/setup_browser.sh` installs all
+three. When one is missing every browser test skips with that one reason.
 
+    MIXOFSHOW_FRONTEND   bundled (default): the host's own frontend (the 2024 host's web/, or the
+                         comfyui-frontend-package a current host requires);
+                         1.58.1: frontend 1.58.1, classic (canvas) renderer;
+                         1.58.1-vue: frontend 1.58.1 with Nodes 2.0 (Comfy.VueNodes.Enabled, set as the
+                         user's setting before the page loads).
+                         1.58.1 is served with --front-end-root, which the 2024 host lacks: run those with
+                         MIXOFSHOW_COMFYUI=<v0.3.64 checkout> (its Python requirements installed).
+    MIXOFSHOW_COMFYUI    the ComfyUI host (default: the embedded 2024 copy), as for every server test
     MIXOFSHOW_CHROMIUM   chromium binary (default: chromium, chromium-browser or google-chrome on PATH)
-    MIXOFSHOW_TEST_OUT   folder for screenshots and saved workflows (default out/browser)
-    MIXOFSHOW_UPDATE_DOCS=1  also refresh docs/region_editor.png
+    MIXOFSHOW_TEST_OUT   folder for screenshots and saved workflows (default out/browser/<frontend>)
+    MIXOFSHOW_UPDATE_DOCS=1  also refresh docs/region_editor*.png
 """
 import os
 import shutil
@@ -20,13 +27,23 @@ from comfyui_mixofshow.harness import host
 
 from . import helpers
 
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = helpers.chromium_path()
+ROOT = helpers.ROOT
+HERE = Path(__file__).resolve().parent
+SKIP = helpers.skip_reason(host.host_dir())
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips every browser test, with the one reason, when something they need is missing."""
+    if SKIP is None:
+        return
+    for item in items:
+        if HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.skip(reason=SKIP))
 
 
 @pytest.fixture(scope="session")
 def out_dir():
-    folder = Path(os.environ.get("MIXOFSHOW_TEST_OUT") or ROOT / "out" / "browser").resolve()
+    folder = Path(os.environ.get("MIXOFSHOW_TEST_OUT") or ROOT / "out" / "browser" / helpers.FRONTEND).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -48,7 +65,8 @@ def comfy(tmp_path_factory):
     from comfyui_mixofshow.harness import server as harness_server
 
     checkpoint, edlora = demo_models.ensure_demo_models()
-    server = harness_server.Server(tmp_path_factory.mktemp("comfy-browser"), cpu=True).prepare()
+    extra = ["--front-end-root", str(helpers.frontend_root())] if helpers.FRONTEND_VERSION else []
+    server = harness_server.Server(tmp_path_factory.mktemp("comfy-browser"), cpu=True, extra_args=extra).prepare()
     (server.models_dir("checkpoints") / checkpoint.name).symlink_to(checkpoint)
     (server.models_dir("edlora") / edlora.name).symlink_to(edlora)
     import torch
@@ -60,6 +78,7 @@ def comfy(tmp_path_factory):
     client = server.client(timeout=60)
     # the current frontend greets a new user with a template browser over the canvas; mark the tour done
     client._request("/settings/Comfy.TutorialCompleted", True, method="POST")
+    client._request("/settings/Comfy.VueNodes.Enabled", helpers.VUE_NODES, method="POST")
     try:
         yield server, client, {"checkpoint": checkpoint.name, "edlora": edlora.name}
     finally:
@@ -68,14 +87,10 @@ def comfy(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("chromium is installed but the Python package playwright is not: pip install playwright "
-                    "(do not run `playwright install`; the tests use the system chromium)")
+    from playwright.sync_api import sync_playwright
     with sync_playwright() as playwright:
         instance = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
+            executable_path=helpers.chromium_path(), headless=True,
             args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--disable-sync"])
         try:
@@ -113,7 +128,7 @@ class PageLog:
 @pytest.fixture
 def page(browser, comfy, test_out):
     """A fresh page on the server's frontend with the app loaded; its console log is written to
-    the test's output folder, and errors from the extension fail the test."""
+    the test's output folder; errors from the extension, and deprecated frontend API it uses, fail the test."""
     server = comfy[0]
     context = browser.new_context(viewport={"width": 1800, "height": 1000}, device_scale_factor=1)
     page = context.new_page()
@@ -122,8 +137,10 @@ def page(browser, comfy, test_out):
     helpers.patch_object_info(page)
     page.goto(server.url + "/")
     helpers.wait_for_app(page)
+    helpers.watch_deprecations(page)
     try:
         yield page
+        deprecated = helpers.deprecations_from_extension(page)
     finally:
         try:
             page.screenshot(path=str(test_out / "final.png"))
@@ -132,3 +149,4 @@ def page(browser, comfy, test_out):
         log.dump(test_out / "console.log")
         context.close()
     assert not log.ours(), "errors from the region editor:\n" + "\n".join(log.ours())
+    assert not deprecated, "the region editor uses deprecated frontend API:\n" + "\n".join(deprecated)

@@ -5,6 +5,7 @@ Everything here drives the page the way a user does (mouse and keyboard events a
 coordinates); page JS is used only to build the graph, to find where things are on screen and to
 read state back.
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -13,9 +14,16 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-SKIP_REASON = ("chromium is not installed (apt-get install -y chromium, or set MIXOFSHOW_CHROMIUM); "
-               "the region editor browser tests need it")
+SETUP = "bash scripts/setup_browser.sh"
+
+# MIXOFSHOW_FRONTEND -> (frontend package version or None for the host's own, Comfy.VueNodes.Enabled)
+FRONTENDS = {"bundled": (None, False), "1.58.1": ("1.58.1", False), "1.58.1-vue": ("1.58.1", True)}
+FRONTEND = os.environ.get("MIXOFSHOW_FRONTEND") or "bundled"
+if FRONTEND not in FRONTENDS:
+    raise ValueError(f"MIXOFSHOW_FRONTEND={FRONTEND!r} must be one of {', '.join(FRONTENDS)}")
+FRONTEND_VERSION, VUE_NODES = FRONTENDS[FRONTEND]
 
 
 def chromium_path():
@@ -27,6 +35,35 @@ def chromium_path():
         found = shutil.which(name)
         if found:
             return found
+    return None
+
+
+def frontend_root(version=FRONTEND_VERSION):
+    """The static folder of comfyui-frontend-package==version as scripts/setup_browser.sh installs it."""
+    return ROOT / ".host" / "frontends" / version / "comfyui_frontend_package" / "static"
+
+
+def host_serves_other_frontends(host_dir):
+    """True when the ComfyUI host has --front-end-root (v0.3.x and later; the 2024 host serves only web/)."""
+    try:
+        return "--front-end-root" in (Path(host_dir) / "comfy" / "cli_args.py").read_text()
+    except OSError:
+        return False
+
+
+def skip_reason(host_dir):
+    """Why the browser tests cannot run here (one sentence), or None."""
+    if chromium_path() is None:
+        return (f"chromium is not installed ({SETUP}, apt-get install -y chromium, or set MIXOFSHOW_CHROMIUM); "
+                "the region editor browser tests need it")
+    if importlib.util.find_spec("playwright") is None:
+        return (f"chromium is installed but the Python package playwright is not ({SETUP}); "
+                "the region editor browser tests need both")
+    if FRONTEND_VERSION and not (frontend_root() / "index.html").is_file():
+        return f"frontend {FRONTEND_VERSION} is not installed in {frontend_root().parents[1]} ({SETUP})"
+    if FRONTEND_VERSION and not host_serves_other_frontends(host_dir):
+        return (f"MIXOFSHOW_FRONTEND={FRONTEND} needs a ComfyUI host with --front-end-root ({host_dir} has none): "
+                "set MIXOFSHOW_COMFYUI to a v0.3.64 checkout")
     return None
 
 
@@ -136,7 +173,7 @@ LOAD_WORKFLOW_JS = r"""
 async (workflow) => {
   await app.loadGraphData(workflow);
   app.canvas.ds.scale = 1;
-  app.canvas.ds.offset = [0, 0];
+  app.canvas.ds.offset = [60, 60];  // title bars clear of the current frontend's menu and side bars
   app.graph.setDirtyCanvas(true, true);
   return true;
 }
@@ -219,6 +256,30 @@ def wait_for_app(page, timeout=60000):
         timeout=timeout)
 
 
+# Frontend 1.58 reports deprecated litegraph API through LiteGraph.onDeprecationWarning (once per message unless
+# alwaysRepeatWarnings): every report is kept with its stack, to tell the extension's uses from the frontend's.
+WATCH_DEPRECATIONS_JS = r"""
+() => {
+  window.mixofshowDeprecations = [];
+  if (!Array.isArray(LiteGraph.onDeprecationWarning)) return false;
+  LiteGraph.alwaysRepeatWarnings = true;
+  LiteGraph.onDeprecationWarning.push((message) => window.mixofshowDeprecations.push(
+    { message: String(message), stack: String(new Error().stack) }));
+  return true;
+}
+"""
+
+
+def watch_deprecations(page):
+    return page.evaluate(WATCH_DEPRECATIONS_JS)
+
+
+def deprecations_from_extension(page):
+    """Deprecated frontend API the extension used since watch_deprecations: ['message', ...]."""
+    found = page.evaluate("() => window.mixofshowDeprecations || []")
+    return sorted({d["message"] for d in found if EXTENSION_URL in d["stack"]})
+
+
 def extension_registered(page):
     return page.evaluate(f"() => app.extensions.some((e) => e.name === {json.dumps(EXTENSION)})")
 
@@ -263,8 +324,13 @@ def right_click(page, node_id, at):
 
 
 def type_into_widget(page, node_id, name, text):
-    """Clicks a litegraph text widget on the graph canvas, types into the prompt dialog it opens
-    and presses Enter, as a user edits the box text."""
+    """Edits a text widget as a user does: in Nodes 2.0 its input element on the node; on the canvas a click
+    on the widget, typing into the prompt dialog it opens and Enter."""
+    if VUE_NODES:
+        field = page.locator(f'[data-node-id="{node_id}"] [data-widget-name="{name}"] input').first
+        field.fill(text)
+        field.press("Enter")
+        return
     p = page.evaluate(WIDGET_POINT_JS, [node_id, name])
     page.mouse.click(p["x"], p["y"])
     field = page.locator(".graphdialog input.value, .graphdialog textarea.value").first
