@@ -135,7 +135,7 @@ def page(browser, comfy, test_out):
     log = PageLog(page)
     page.log = log
     helpers.patch_object_info(page)
-    page.goto(server.url + "/")
+    page.goto(server.url + "/", timeout=180000)
     helpers.wait_for_app(page)
     helpers.watch_deprecations(page)
     try:

@@ -248,7 +248,7 @@ def queue(page):
     raise AssertionError("no visible queue button on the page")
 
 
-def wait_for_app(page, timeout=60000):
+def wait_for_app(page, timeout=180000):  # generous: a loaded 2-core machine takes minutes
     page.wait_for_function(
         "() => window.app && app.graph && app.canvas && Array.isArray(app.extensions)"
         " && typeof LiteGraph !== 'undefined'"

@@ -228,7 +228,7 @@ def test_saved_workflow_runs_without_the_extension(browser, page, comfy, test_ou
         helpers.patch_object_info(bare)
         bare.route(f"**{helpers.EXTENSION_URL}**", lambda route: route.fulfill(
             status=200, content_type="application/javascript", body="export {};"))
-        bare.goto(server.url + "/")
+        bare.goto(server.url + "/", timeout=180000)
         helpers.wait_for_app(bare)
         assert not helpers.extension_registered(bare)
         bare.evaluate(helpers.LOAD_WORKFLOW_JS, saved)
