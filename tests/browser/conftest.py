@@ -74,7 +74,7 @@ def comfy(tmp_path_factory):
         models.write_t2i_adapter(str(server.models_dir("controlnet") / helpers.KEYPOSE_MODEL))
     helpers.write_pose_image(server.run_dir / "input" / helpers.POSE_IMAGE)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    server.start(timeout=120, env=env)
+    server.start(timeout=300, env=env)  # generous: a loaded 2-core machine
     client = server.client(timeout=60)
     # the current frontend greets a new user with a template browser over the canvas; mark the tour done
     client._request("/settings/Comfy.TutorialCompleted", True, method="POST")

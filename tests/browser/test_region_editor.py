@@ -332,7 +332,7 @@ def test_docs_screenshot(page, comfy, test_out):
     x, y = helpers.client_point(page, ids["region1"], 0.5, 0.97)
     page.mouse.move(x, y)
     page.wait_for_timeout(200)
-    clip = {"x": 0, "y": 0, "width": 1180, "height": 720}
+    clip = {"x": 50, "y": 20, "width": 1200, "height": 740}  # the pose and both Region Prompt nodes
     path = test_out / "region_editor.png"
     page.screenshot(path=str(path), clip=clip)
     if os.environ.get("MIXOFSHOW_UPDATE_DOCS") == "1":
