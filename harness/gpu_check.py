@@ -7,9 +7,10 @@ host's own loaders and samplers, with assertions on what happens inside the UNet
 Checks (one PASS/FAIL line each, with its time and peak GPU memory):
   load          a generated SD1.5-topology checkpoint through CheckpointLoaderSimple
   edlora        EDLoRA Loader -> EDLoRA Text Encode -> KSampler; forward pre-hooks on the 16 attn2
-                modules: cross-attention layer l receives the layer-l encoding (the prompt encoded by
-                the host's own textual-inversion path with row l of each concept word), in every
-                UNet call, and the 16 encodings differ
+                modules: in every UNet call cross-attention layer l receives the layer-l encoding
+                (the prompt encoded by the host's own textual-inversion path with row l of each
+                concept word) for the positive rows, the negative prompt's for the others, and the
+                16 encodings differ
   fusion        EDLoRA Concept x2 -> Gradient Fuse; the statistics' Gram row counts equal
                 concepts x steps x tokens (UNet layers at their resolution), x 2 prompts x 16 copies x 77
                 (text encoder), x 2 prompts x 77 (cross-attention k/v)
@@ -20,7 +21,7 @@ Checks (one PASS/FAIL line each, with its time and peak GPU memory):
                 final ED-LoRA equals the uninterrupted one
   regional      Region Prompt x2 -> Apply Regions -> KSampler; every attn2 replace patch Apply
                 Regions installs is counted: it changes the attention output (against plain scaled
-                dot-product attention) in all 16 layers in every UNet call, one call per step
+                dot-product attention) in all 16 layers in every sampling step (told apart by sigma)
 Exit status 1 when any check fails. The tiny preset runs the same code on the CPU in
 tests/host/test_gpu_check.py.
 """
@@ -154,7 +155,7 @@ class Settings:
 
 
 PRESETS = {
-    "gpu": Settings(checkpoint="sd15", size=512, steps=20, cfg=7.5, capture_steps=10, capture_resolution=512,
+    "gpu": Settings(checkpoint="sd15", size=512, steps=20, cfg=7.5, capture_steps=20, capture_resolution=512,
                     train_steps=20, interrupt_at=10, train_resolution=512),
     # CPU settings of the test suite; 128 px keeps the middle block at 2x2 tokens, so both regions reach it
     "tiny": Settings(checkpoint="tiny", size=128, steps=2, cfg=5.0, capture_steps=2, capture_resolution=64,
@@ -309,8 +310,9 @@ def tolerance(loaded):
 
 def ksample(model, positive, negative, settings, seed=0):
     latent = host_nodes.EmptyLatentImage().generate(settings.size, settings.size, 1)[0]
-    return host_nodes.KSampler().sample(model, seed, settings.steps, settings.cfg, "euler", "normal", positive, negative,
-                                        latent)[0]["samples"].float().cpu()
+    sampled = host_nodes.KSampler().sample(model, seed, settings.steps, settings.cfg, "euler", "normal", positive,
+                                           negative, latent)[0]
+    return sampled["samples"].float().cpu()
 
 
 def encode(clip, text):
@@ -391,7 +393,8 @@ def load(settings, scratch):
     model, clip, vae = host_nodes.CheckpointLoaderSimple().load_checkpoint(name)
     strict = model.model_dtype() == torch.float32
     return (f"{type(model).__name__}, UNet {str(model.model_dtype()).removeprefix('torch.')} on "
-            f"{model.load_device}, {path.stat().st_size / 2 ** 20:.0f} MiB checkpoint"), Loaded(model, clip, vae, strict)
+            f"{model.load_device}, {path.stat().st_size / 2 ** 20:.0f} MiB checkpoint"), \
+        Loaded(model, clip, vae, strict)
 
 
 def write_edloras(loaded):
@@ -438,25 +441,34 @@ def layer_references(clip, edlora, template, folder):
 
 
 class ContextProbe:
-    """Forward pre-hooks on the 16 attn2 modules: for each call, the relative error of the context's
-    closest batch row to that layer's reference encoding."""
+    """Forward pre-hooks on the 16 attn2 modules. Each batch row of the context layer l receives
+    should be the positive prompt's layer-l encoding or the negative prompt's encoding (no concept
+    words: the same in every layer); per call it records the worst row's error against the nearer of
+    the two, and whether a row was the positive one (the host may run cond and uncond in separate
+    calls when memory is short)."""
 
-    def __init__(self, model, references):
+    def __init__(self, model, references, negative, tolerance):
         self.modules = [model.model.diffusion_model.get_submodule(path) for path, _ in ATTN2_MODULES]
-        self.references = references
-        self.errors = [[] for _ in range(LAYERS)]
+        self.references, self.negative, self.tolerance = references, negative, tolerance
+        self.worst = [[] for _ in range(LAYERS)]
+        self.positive_calls = [0] * LAYERS
 
     def _hook(self, layer):
+        def errors(rows, reference):
+            reference = reference.to(rows.device).reshape(1, -1)
+            return (rows - reference).norm(dim=1) / reference.norm()
+
         def record(module, args, kwargs):
             context = kwargs.get("context", args[1] if len(args) > 1 else None)
-            reference = self.references[layer].to(context.device)
             rows = context.float().reshape(context.shape[0], -1)
-            errors = (rows - reference.reshape(1, -1)).norm(dim=1) / reference.norm()
-            self.errors[layer].append(float(errors.min()))
+            positive, negative = errors(rows, self.references[layer]), errors(rows, self.negative)
+            self.worst[layer].append(float(torch.minimum(positive, negative).max()))
+            self.positive_calls[layer] += int(bool((positive <= self.tolerance).any()))
         return record
 
     def __enter__(self):
-        self.handles = [m.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, m in enumerate(self.modules)]
+        self.handles = [module.register_forward_pre_hook(self._hook(layer), with_kwargs=True)
+                        for layer, module in enumerate(self.modules)]
         return self
 
     def __exit__(self, *exc):
@@ -464,9 +476,9 @@ class ContextProbe:
             handle.remove()
 
 
-def layer_separation(references):
-    """Smallest relative distance between two different layers' reference encodings."""
-    return min(relative_error(references[a], references[b]) for a in range(LAYERS) for b in range(LAYERS) if a != b)
+def separation(encodings):
+    """Smallest relative distance between two of the encodings."""
+    return min(relative_error(a, b) for i, a in enumerate(encodings) for j, b in enumerate(encodings) if i != j)
 
 
 def check_edlora(loaded, edloras, settings, scratch):
@@ -474,20 +486,24 @@ def check_edlora(loaded, edloras, settings, scratch):
     model, clip = EDLoRALoader().load(loaded.model, loaded.clip, name, 0.7, 0.7)
     template = f"a photo of {' '.join(edlora.words)} on a beach"
     references = layer_references(clip, edlora, template, Path(scratch) / "embeddings")
-    tol, separation = tolerance(loaded), layer_separation(references)
-    require(separation > 10 * tol, f"the layer encodings are only {separation:.1e} apart (tolerance {tol:.0e})")
-    with ContextProbe(model, references) as probe, UNetCalls(model) as calls:
+    negative = clip.encode_from_tokens(clip.tokenize("")).float().cpu()
+    tol, apart = tolerance(loaded), separation(references + [negative])
+    require(apart > 10 * tol, f"the layer encodings are only {apart:.1e} apart (tolerance {tol:.0e})")
+    with ContextProbe(model, references, negative, tol) as probe, UNetCalls(model) as calls:
         samples = ksample(model, encode(clip, template), encode(clip, ""), settings)
     require(torch.isfinite(samples).all(), "the sample has non-finite values")
     require(calls.count >= settings.steps, f"{calls.count} UNet calls for {settings.steps} steps")
-    for layer, errors in enumerate(probe.errors):
-        require(len(errors) == calls.count, f"cross-attention layer {layer} ran {len(errors)} times in {calls.count} "
-                                            f"UNet calls")
-        require(max(errors) <= tol, f"cross-attention layer {layer} received a context {max(errors):.1e} from its "
-                                    f"layer-{layer} encoding (tolerance {tol:.0e})")
-    worst = max(max(e) for e in probe.errors)
+    for layer, worst in enumerate(probe.worst):
+        require(len(worst) == calls.count, f"cross-attention layer {layer} ran {len(worst)} times in {calls.count} "
+                                           f"UNet calls")
+        require(max(worst) <= tol, f"cross-attention layer {layer} received a context {max(worst):.1e} from both its "
+                                   f"layer-{layer} encoding and the negative prompt's (tolerance {tol:.0e})")
+        require(probe.positive_calls[layer] >= settings.steps,
+                f"cross-attention layer {layer} saw the positive prompt in {probe.positive_calls[layer]} UNet calls "
+                f"for {settings.steps} steps")
+    worst = max(max(w) for w in probe.worst)
     return (f"layers 0-15 each got their own encoding in all {calls.count} UNet calls ({settings.steps} steps): "
-            f"max rel err {worst:.1e} <= {tol:.0e}, layers >= {separation:.1e} apart"), (model, clip)
+            f"max rel err {worst:.1e} <= {tol:.0e}, encodings >= {apart:.1e} apart"), (model, clip)
 
 
 # ---- checks: fusion, save and reload -----------------------------------------------------------
@@ -543,8 +559,10 @@ def check_save_reload(loaded, fused, settings):
     tol, error, change = tolerance(loaded), relative_error(after, before), relative_error(reloaded_plain, base)
     require(stats2 is not None and {n: s.rows for n, s in stats2.layers.items()} == {
         n: s.rows for n, s in stats.layers.items()}, "the reloaded fusion statistics differ from the saved ones")
-    require(error <= tol, f"the reloaded model's sample is {error:.1e} from the one before saving (tolerance {tol:.0e})")
-    require(change > 10 * tol, f"the reloaded model samples like the base model ({change:.1e} apart): fusion not saved")
+    require(error <= tol, f"the reloaded model's sample is {error:.1e} from the one before saving "
+                          f"(tolerance {tol:.0e})")
+    require(change > tol, f"the reloaded model samples like the base model ({change:.1e} apart, tolerance {tol:.0e}): "
+                          f"the fusion was not saved, or it is too weak for this check to tell")
     return (f"{written[0]}: sample {error:.1e} from the one before saving (tolerance {tol:.0e}); base model's "
             f"{change:.1e} away"), None
 
@@ -632,19 +650,19 @@ def plain_attention(q, k, v, heads):
 
 
 class CountingPatch:
-    """Wraps an attn2 replace patch: counts, per cross-attention layer, the calls whose output
-    differs from plain attention to the global context."""
+    """Wraps an attn2 replace patch: records, per cross-attention layer, the sampling steps (by sigma)
+    in which it changed the output against plain attention to the global context."""
 
-    def __init__(self, patch, counts, tolerance):
-        self.patch, self.counts, self.tolerance = patch, counts, tolerance
+    def __init__(self, patch, fired, steps, tolerance):
+        self.patch, self.fired, self.steps, self.tolerance = patch, fired, steps, tolerance
 
     def __call__(self, q, k, v, extra_options):
         out = self.patch(q, k, v, extra_options)
         plain = plain_attention(q.float(), k.float(), v.float(), extra_options["n_heads"])
-        layer = extra_options["transformer_index"]
-        self.counts.setdefault(layer, [0, 0])[0] += 1
+        sigma = float(extra_options["sigmas"].flatten()[0])
+        self.steps.add(sigma)
         if relative_error(out, plain) > self.tolerance:
-            self.counts[layer][1] += 1
+            self.fired.setdefault(extra_options["transformer_index"], set()).add(sigma)
         return out
 
 
@@ -652,12 +670,12 @@ def attn2_replace_patches(model):
     return dict(model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {}))
 
 
-def counted(model, before, counts, tol):
+def counted(model, before, fired, steps, tol):
     """A clone of `model` whose attn2 replace patches that are not in `before` are counted."""
     clone = model.clone()
     for key, patch in attn2_replace_patches(model).items():
         if before.get(key) is not patch:
-            clone.set_model_attn2_replace(CountingPatch(patch, counts, tol), *key)
+            clone.set_model_attn2_replace(CountingPatch(patch, fired, steps, tol), *key)
     return clone
 
 
@@ -669,18 +687,17 @@ def check_regional(loaded, edlora_pair, settings):
                                             regions or ())[0]
     regional_model, positive, negative = ApplyRegions().apply(model, encode(clip, "two things in a park"),
                                                               encode(clip, ""), regions)
-    counts = {}
-    counting = counted(regional_model, attn2_replace_patches(model), counts, tolerance(loaded))
+    fired, steps = {}, set()
+    counting = counted(regional_model, attn2_replace_patches(model), fired, steps, tolerance(loaded))
     with UNetCalls(counting) as calls:
         samples = ksample(counting, positive, negative, settings)
     require(torch.isfinite(samples).all(), "the regional sample has non-finite values")
-    require(counts, "Apply Regions installed no attn2 replace patch (nothing was counted)")
-    require(calls.count == settings.steps, f"{calls.count} UNet calls for {settings.steps} euler steps")
+    require(steps, "Apply Regions installed no attn2 replace patch (nothing was counted)")
+    require(len(steps) == settings.steps, f"the patches saw {len(steps)} sampling steps of {settings.steps}")
     for layer in range(LAYERS):
-        called, fired = counts.get(layer, (0, 0))
-        require(fired == calls.count, f"cross-attention layer {layer}: the region patch changed the output in "
-                                      f"{fired} of {calls.count} UNet calls ({called} patch calls)")
-    return f"the region patch changed all 16 layers in each of {settings.steps} steps ({calls.count} UNet calls)", None
+        require(fired.get(layer, set()) == steps, f"cross-attention layer {layer}: the region patch changed the output "
+                                                  f"in {len(fired.get(layer, ()))} of {len(steps)} steps")
+    return f"the region patch changed all 16 layers in each of {len(steps)} steps ({calls.count} UNet calls)", None
 
 
 # ---- driver --------------------------------------------------------------------------------------
