@@ -1,8 +1,9 @@
 """Mix-of-Show for ComfyUI: ED-LoRA concepts, gradient fusion and regional sampling."""
 from .nodes.compat import V3_IO
-from .nodes.paths import register_model_folders
+from .nodes.paths import register_model_folders, remove_leftovers
 
 register_model_folders()
+remove_leftovers()
 
 WEB_DIRECTORY = "./web"
 

@@ -17,8 +17,13 @@ LoraLoader can also read its LoRA part:
   mixofshow.concept_words (JSON list, in order), mixofshow.num_layers, mixofshow.rank,
   mixofshow.text_dim, mixofshow.base_family="sd15", and mixofshow.source_key_style /
   mixofshow.source_wrapped, which let a converted `.pth` be written back exactly as it was.
+  When a `.pth` copy is written beside it, mixofshow.pth_sha256 holds that file's hash: a `.pth`
+  whose hash is not recorded in the same-name `.safetensors` is someone else's and is never replaced.
 """
+import hashlib
+import io
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,7 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from . import sd15
-from .safe_io import UnreadableFileError, read_safetensors, read_torch_weights, save_safetensors, save_torch
+from .safe_io import (UnreadableFileError, atomic_write, file_sha256, read_safetensors, read_safetensors_metadata,
+                      read_torch_weights, save_safetensors, save_torch)
 
 FORMAT_VERSION = 1
 BASE_FAMILY = "sd15"
@@ -36,7 +42,9 @@ KEY_STYLES = {"main": (".lora_down.weight", ".lora_up.weight"),
               "research": ("_lora.down.weight", "_lora.up.weight")}
 KNOWN_LAYERS = {"unet": frozenset(sd15.unet_lora_layers()),
                 "text_encoder": frozenset(sd15.text_lora_layers())}
-CONCEPT_WORD = re.compile(r"^<[\w\-.+]+>$")
+CONCEPT_WORD = re.compile(r"^<[\w\-.+]+>\Z")
+MAX_ALPHA_SCALE = 100.0  # kohya alpha/rank; ΔW is multiplied by it
+PTH_HASH_KEY = "mixofshow.pth_sha256"
 
 
 class EDLoRAFormatError(ValueError):
@@ -116,7 +124,7 @@ def load_edlora(path):
     return edlora
 
 
-def save_edlora(edlora, path):
+def save_edlora(edlora, path, extra_metadata=None):
     """Writes our `.safetensors` format atomically."""
     validate(edlora)
     tensors = {EMBEDDING_PREFIX + w: e.float() for w, e in edlora.embeddings.items()}
@@ -136,8 +144,39 @@ def save_edlora(edlora, path):
         "mixofshow.base_family": BASE_FAMILY,
         "mixofshow.source_key_style": edlora.source.get("key_style", "main"),
         "mixofshow.source_wrapped": json.dumps(bool(edlora.source.get("wrapped", True))),
+        **(extra_metadata or {}),
     }
     save_safetensors(tensors, path, metadata)
+
+
+def check_pth_replaceable(path, pth_path):
+    """Raises unless `pth_path` is absent or is the `.pth` copy written with the `.safetensors` at `path`."""
+    if not os.path.exists(pth_path):
+        return
+    try:
+        recorded = read_safetensors_metadata(path).get(PTH_HASH_KEY) if os.path.isfile(path) else None
+    except UnreadableFileError:
+        recorded = None
+    if recorded is None or not os.path.isfile(pth_path) or recorded != file_sha256(pth_path):
+        raise FileExistsError(f"also_save_pth: {os.path.basename(pth_path)} already exists and was not written "
+                              f"together with {os.path.basename(path)}; it is left alone: move it or choose "
+                              f"another output_name")
+
+
+def save_edlora_with_pth(edlora, path, pth_path):
+    """Writes `path` and the original `.pth` layout at `pth_path`, recording the `.pth`'s hash in `path`."""
+    validate(edlora)
+    check_pth_replaceable(path, pth_path)
+    buffer = io.BytesIO()
+    torch.save(to_original_dict(edlora), buffer)
+    data = buffer.getvalue()
+    save_edlora(edlora, path, {PTH_HASH_KEY: hashlib.sha256(data).hexdigest()})
+    atomic_write(pth_path, lambda tmp: _write_bytes(tmp, data))
+
+
+def _write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def save_edlora_original(edlora, path):
@@ -188,6 +227,10 @@ def _validate_layer(name, part, path_, layer):
                                 f"must both be 2-D (linear) or both 4-D 1x1 (conv)")
     if down.dim() == 4 and (tuple(down.shape[2:]) != (1, 1) or tuple(up.shape[2:]) != (1, 1)):
         raise EDLoRAFormatError(f"{where}: only 1x1 conv LoRAs are supported, got {list(down.shape)}")
+    if down.shape[0] == 0:
+        raise EDLoRAFormatError(f"{where}: rank 0 (lora_down {list(down.shape)} has no rows)")
+    if not (down.is_floating_point() and up.is_floating_point()):
+        raise EDLoRAFormatError(f"{where}: lora_down/lora_up must hold floating-point numbers")
     if up.shape[1] != down.shape[0]:
         raise EDLoRAFormatError(f"{where}: rank mismatch, lora_down has {down.shape[0]} rows but "
                                 f"lora_up has {up.shape[1]} columns")
@@ -310,6 +353,21 @@ def _kohya_layers(name, part, tensors):
             continue
         if down is None or up is None:
             raise EDLoRAFormatError(f"{name}: {part} layer {path_} has only one of lora_down/lora_up")
-        scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
-        layers[path_] = LoRALayer(down, up, scale)
+        layers[path_] = LoRALayer(down, up, _alpha_scale(f"{name}: {part} layer {path_}", alpha, down))
     return layers
+
+
+def _alpha_scale(where, alpha, down):
+    """alpha / rank, the kohya scale, checked: one finite number giving 0 < scale <= MAX_ALPHA_SCALE."""
+    if alpha is None:
+        return 1.0
+    if alpha.numel() != 1 or alpha.dim() > 1:
+        raise EDLoRAFormatError(f"{where}: .alpha must be one number, got shape {list(alpha.shape)}")
+    if down.dim() == 0 or down.shape[0] == 0:
+        raise EDLoRAFormatError(f"{where}: rank 0 (lora_down {list(down.shape)} has no rows)")
+    value = float(alpha)
+    scale = value / down.shape[0]
+    if not (math.isfinite(value) and 0 < scale <= MAX_ALPHA_SCALE):
+        raise EDLoRAFormatError(f"{where}: .alpha {value:g} gives the scale alpha/rank = {scale:g}; it must be "
+                                f"a finite number with 0 < alpha/rank <= {MAX_ALPHA_SCALE:g}")
+    return scale

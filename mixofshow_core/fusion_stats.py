@@ -7,7 +7,8 @@ alphas, source file), the solver tolerance and the format version.
 
     mixofshow.format = "fusion_stats", mixofshow.format_version = "1",
     mixofshow.concepts = JSON list of {"name", "words", "unet_alpha", "text_encoder_alpha"},
-    mixofshow.tolerance = the solve tolerance used, mixofshow.kv_positions = the k/v rows used
+    mixofshow.tolerance = the solve tolerance used, mixofshow.kv_positions = the k/v rows used,
+    mixofshow.checkpoint_sha256 = SHA-256 of the fused checkpoint the file belongs to (when saved beside one)
     tensors: "<layer>|gram", "<layer>|rhs", "<layer>|energy", "<layer>|rows", and each concept's
     cross-attention k/v LoRA "kv|<concept index>|<path>|up" / "|down" (α folded into up): the k/v
     stage only needs text-encoder passes, so adding a concept recomputes it for all concepts
@@ -23,6 +24,7 @@ from .safe_io import UnreadableFileError, read_safetensors, save_safetensors
 FORMAT_VERSION = "1"
 STAT_PARTS = ("gram", "rhs", "energy", "rows")
 KV_PREFIX = "kv|"
+CHECKPOINT_HASH_KEY = "mixofshow.checkpoint_sha256"
 
 
 class FusionStatsError(ValueError):
@@ -42,7 +44,8 @@ class FusionStats:
         return [w for concept in self.concepts for w in concept["words"]]
 
 
-def save_fusion_stats(stats, path):
+def save_fusion_stats(stats, path, checkpoint_sha256=None):
+    """Writes `stats`; `checkpoint_sha256` binds the file to the checkpoint it was saved beside."""
     tensors = {f"{name}|{part}": value for name, layer in stats.layers.items()
                for part, value in layer.to_tensors().items()}
     for index, layers in stats.kv_loras.items():
@@ -52,15 +55,22 @@ def save_fusion_stats(stats, path):
     metadata = {"mixofshow.format": "fusion_stats", "mixofshow.format_version": FORMAT_VERSION,
                 "mixofshow.concepts": json.dumps(stats.concepts), "mixofshow.tolerance": repr(stats.tolerance),
                 "mixofshow.kv_positions": stats.kv_positions}
+    if checkpoint_sha256 is not None:
+        metadata[CHECKPOINT_HASH_KEY] = checkpoint_sha256
     save_safetensors(tensors, path, metadata)
 
 
-def load_fusion_stats(path):
+def load_fusion_stats(path, checkpoint_sha256=None):
+    """The statistics in `path`; with `checkpoint_sha256`, only if they were saved with that checkpoint."""
     name = os.path.basename(path)
     try:
         tensors, metadata = read_safetensors(path)
     except UnreadableFileError as e:
         raise FusionStatsError(f"fusion stats {e}") from e
+    if checkpoint_sha256 is not None and metadata.get(CHECKPOINT_HASH_KEY) != checkpoint_sha256:
+        raise FusionStatsError(f"fusion stats {name}: not saved with this checkpoint (its recorded checkpoint hash "
+                               f"is {'missing' if CHECKPOINT_HASH_KEY not in metadata else 'different'}); it "
+                               f"belongs to an earlier or another fusion: delete it, or re-save the fused model")
     if metadata.get("mixofshow.format") != "fusion_stats":
         raise FusionStatsError(f"fusion stats {name}: not a Mix-of-Show fusion statistics file")
     if metadata.get("mixofshow.format_version") != FORMAT_VERSION:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .messages import excerpt
+
 UNITS = ("normalized", "pixels")
 
 # Box edges closer than this to a cell border snap to it, so 0.28 * 50 = 14.000000000000002
@@ -59,9 +61,9 @@ def _parse_numbers(text, label):
         try:
             value = float(part)
         except ValueError:
-            raise RegionError(f"{label}: {part!r} is not a number (in {text!r})") from None
+            raise RegionError(f"{label}: {excerpt(part)} is not a number (in {excerpt(text)})") from None
         if not math.isfinite(value):
-            raise RegionError(f"{label}: {part!r} is not a finite number (in {text!r})")
+            raise RegionError(f"{label}: {excerpt(part)} is not a finite number (in {excerpt(text)})")
         values.append(value)
     return values
 
@@ -94,7 +96,7 @@ def parse_box(text, units, image_width=None, image_height=None, label="box"):
         raise RegionError(f"{label}: units {units!r} must be one of {', '.join(UNITS)}")
     values = _parse_numbers(text, label)
     if len(values) != 4:
-        raise RegionError(f"{label}: expected 4 values x1,y1,x2,y2, got {len(values)} in {text!r}")
+        raise RegionError(f"{label}: expected 4 values x1,y1,x2,y2, got {len(values)} in {excerpt(text)}")
     if units == "normalized":
         return _box_in_frame(*values, 1.0, 1.0, "(normalized)", label)
     _check_image_size(image_width, image_height, label)
@@ -106,12 +108,12 @@ def _parse_rowfirst_box(text, image_width, image_height, label):
     """The original's "[y1, x1, y2, x2]" in pixels of the condition image; "[]" is the full image."""
     stripped = text.strip()
     if not (stripped.startswith("[") and stripped.endswith("]")):
-        raise RegionError(f"{label}: {stripped!r} must be written [y1, x1, y2, x2] or []")
+        raise RegionError(f"{label}: {excerpt(stripped)} must be written [y1, x1, y2, x2] or []")
     values = _parse_numbers(stripped, label)
     if not values:
         return Box.full()
     if len(values) != 4:
-        raise RegionError(f"{label}: expected 4 values [y1, x1, y2, x2], got {len(values)} in {stripped!r}")
+        raise RegionError(f"{label}: expected 4 values [y1, x1, y2, x2], got {len(values)} in {excerpt(stripped)}")
     y1, x1, y2, x2 = values
     return _box_in_frame(x1, y1, x2, y2, image_width, image_height,
                          f"pixels of the {image_width}x{image_height} image", label)
@@ -145,7 +147,7 @@ def parse_prompt_rewrite(text, image_width, image_height):
         parts = entry.split("-*-")
         if len(parts) != 3:
             raise RegionError(f"{label}: expected '[prompt]-*-[negative]-*-[y1, x1, y2, x2]', "
-                              f"got {len(parts)} part(s) in {entry.strip()!r}")
+                              f"got {len(parts)} part(s) in {excerpt(entry.strip())}")
         prompt, negative, box_text = parts
         box = _parse_rowfirst_box(box_text, image_width, image_height, f"{label} box")
         specs.append(RegionSpec(_strip_brackets(prompt), _strip_brackets(negative), box))
@@ -160,11 +162,11 @@ def parse_region_adapter_weights(text, image_width, image_height):
         label = f"adapter weight entry {number}"
         box_text, bracket, weight_text = entry.partition("]")
         if not bracket or not weight_text.strip().startswith("-"):
-            raise RegionError(f"{label}: expected '[y1, x1, y2, x2]-weight', got {entry.strip()!r}")
+            raise RegionError(f"{label}: expected '[y1, x1, y2, x2]-weight', got {excerpt(entry.strip())}")
         box = _parse_rowfirst_box(box_text + bracket, image_width, image_height, f"{label} box")
         weight = _parse_numbers(weight_text.strip()[1:], f"{label} weight")
         if len(weight) != 1:
-            raise RegionError(f"{label} weight: expected one number after '-', got {weight_text.strip()[1:]!r}")
+            raise RegionError(f"{label} weight: expected one number after '-', got {excerpt(weight_text.strip()[1:])}")
         pairs.append((box, weight[0]))
     return pairs
 

@@ -7,11 +7,32 @@ from dataclasses import dataclass
 
 import torch
 
+from ..mixofshow_core import sd15
+from ..mixofshow_core.edlora_format import CONCEPT_WORD
+from ..mixofshow_core.messages import excerpt
+
 OPTION_KEY = "mixofshow_concepts"
 
 
 class ConceptCollisionError(ValueError):
     """Two concepts claim the same word."""
+
+
+class ConceptEmbeddingError(ValueError):
+    """A concept word or embedding that cannot be used; the message names the file it came from."""
+
+
+def check_embedding(source, word, embedding):
+    """Every concept entering a CLIP: a <word> with a finite [16, 768] floating-point table."""
+    expected = [sd15.NUM_CROSS_ATTN_LAYERS, sd15.TEXT_DIM]
+    if not isinstance(word, str) or not CONCEPT_WORD.match(word):
+        raise ConceptEmbeddingError(f"{source}: concept word {excerpt(word)} must look like <name> "
+                                    f"(letters, digits, _ - . + only, in angle brackets)")
+    if not isinstance(embedding, torch.Tensor) or list(embedding.shape) != expected:
+        shape = list(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
+        raise ConceptEmbeddingError(f"{source}: embedding of {word} is {shape}, expected {expected}")
+    if not embedding.is_floating_point() or not bool(torch.isfinite(embedding).all()):
+        raise ConceptEmbeddingError(f"{source}: embedding of {word} must hold finite floating-point numbers")
 
 
 @dataclass(frozen=True)
@@ -34,7 +55,8 @@ class ConceptSet:
 
     def with_embeddings(self, embeddings, source):
         """A new set that also knows `embeddings` (word -> tensor) from file `source`."""
-        for word in embeddings:
+        for word, embedding in embeddings.items():
+            check_embedding(source, word, embedding)
             if word in self.words:
                 raise ConceptCollisionError(
                     f"{source}: word {word} is already provided by {self.source_of(word)}; "

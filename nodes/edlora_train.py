@@ -15,7 +15,6 @@ import glob
 import hashlib
 import logging
 import os
-import re
 from contextlib import ExitStack, contextmanager
 
 import comfy.model_management
@@ -30,7 +29,8 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 from PIL import Image
 
 from ..mixofshow_core import sd15
-from ..mixofshow_core.edlora_format import CONCEPT_WORD, EDLoRA, LoRALayer, save_edlora, save_edlora_original
+from ..mixofshow_core.edlora_format import (CONCEPT_WORD, EDLoRA, LoRALayer, check_pth_replaceable, save_edlora,
+                                            save_edlora_with_pth)
 from ..mixofshow_core.training.attention import AttentionProbe
 from ..mixofshow_core.training.dataset import load_dataset
 from ..mixofshow_core.training.diffusion import NoiseSchedule
@@ -46,13 +46,13 @@ from .edlora_loader import apply_edlora
 from .edlora_text_encode import bound_copies, encode_layerwise, single_token_id
 from .layerwise import CONTEXT_KEY, select_layer_context
 from .model_keys import require_sd15, unet_weight_keys
-from .paths import EDLORA_FOLDER
+from .paths import (EDLORA_FOLDER, STATE_FOLDER, WrittenFiles, check_output_name, input_folder, inside,
+                    training_state_root)
 
 PREVIEW_ALPHAS = (0.0, 0.7, 1.0)
 PREVIEW_CFG = 7.5
 PRECISIONS = {"fp32": "no", "fp16 autocast": "fp16", "bf16 autocast": "bf16"}
-OUTPUT_NAME = re.compile(r"^[\w\-. ]+$")
-STATE_FOLDER = "edlora_training"
+WRITTEN = WrittenFiles()
 LAYERS = sd15.NUM_CROSS_ATTN_LAYERS
 log = logging.getLogger("mixofshow")
 
@@ -194,8 +194,7 @@ def host_training(model, clip, vae, samples, config, tables, rank, gradient_chec
 # ---- checks that run before any step -------------------------------------------------
 
 def check_names(output_name, placeholder, words):
-    if not OUTPUT_NAME.match(output_name or ""):
-        raise ValueError(f"output_name {output_name!r}: use letters, digits, spaces, '-', '_' or '.' only")
+    check_output_name(output_name, "output_name")
     for word in words:
         if not CONCEPT_WORD.match(word):
             raise ValueError(f"concept word {word!r} must look like <name> (letters, digits, _ - . + only)")
@@ -221,7 +220,7 @@ def check_captions_fit(clip, samples, config):
         try:
             copies, _ = bound_copies(clip, prompt, [0], tables)
         except ValueError as e:
-            raise ValueError(f"{sample.name}: caption {sample.caption!r}: {e}") from e
+            raise ValueError(f"{sample.name}: caption: {e}") from e
         if len(copies[0]) > 1:
             raise ValueError(f"{sample.name}: caption is too long for the text encoder's 75 tokens once "
                              f"wrapped in a '{config.caption_template}' template; shorten it")
@@ -244,18 +243,16 @@ def initial_tables(clip, words, initializers, seed):
 
 # ---- files ---------------------------------------------------------------------------
 
-def resolve_folder(path):
-    """An absolute folder as given; a relative one inside ComfyUI's input folder."""
-    path = path.strip()
-    return path if not path or os.path.isabs(path) else os.path.join(folder_paths.get_input_directory(), path)
-
-
 def edlora_folder():
     return folder_paths.get_folder_paths(EDLORA_FOLDER)[0]
 
 
 def state_folder(output_name):
-    return os.path.join(folder_paths.get_output_directory(), STATE_FOLDER, output_name)
+    return os.path.join(training_state_root(), output_name)
+
+
+def output_path(output_name):
+    return os.path.join(edlora_folder(), f"{output_name}.safetensors")
 
 
 def state_path(output_name, step):
@@ -263,18 +260,20 @@ def state_path(output_name, step):
 
 
 def resolve_resume(resume, output_name):
-    """None, or the state file `resume` names: "latest", or a path (absolute or in the state folder)."""
+    """None, or the state file `resume` names: "latest", or a path in the training-state folder
+    (relative to output_name's own state folder)."""
     resume = resume.strip()
     if not resume:
         return None
     if resume == "latest":
         found = sorted(glob.glob(os.path.join(glob.escape(state_folder(output_name)), "state-*.safetensors")))
         if not found:
-            raise TrainingStateError(f"resume: no saved state of {output_name!r} in {state_folder(output_name)}")
+            raise TrainingStateError(f"resume: no saved state of {output_name!r} in output/{STATE_FOLDER}")
         return found[-1]
-    path = resume if os.path.isabs(resume) else os.path.join(state_folder(output_name), resume)
+    path = inside(training_state_root(), resume, "resume", f"output/{STATE_FOLDER}", base=state_folder(output_name))
     if not os.path.isfile(path):
-        raise TrainingStateError(f"resume: {path} does not exist")
+        raise TrainingStateError(f"resume: {os.path.relpath(path, training_state_root())} is not a saved state "
+                                 f"in output/{STATE_FOLDER}")
     return path
 
 
@@ -285,9 +284,11 @@ def trained_edlora(training, name):
 
 
 def save_outputs(edlora, path, also_pth):
-    save_edlora(edlora, path)
     if also_pth:
-        save_edlora_original(edlora, os.path.splitext(path)[0] + ".pth")
+        save_edlora_with_pth(edlora, path, os.path.splitext(path)[0] + ".pth")
+    else:
+        save_edlora(edlora, path)
+    WRITTEN.record(path)
 
 
 def save_state(training, output_name, dataset_names):
@@ -427,9 +428,23 @@ class EDLoRATrain:
         }}
 
     @classmethod
+    def VALIDATE_INPUTS(cls, output_name=None):
+        if output_name is not None:  # None: linked, checked when the node runs
+            check_output_name(output_name, "output_name")
+        return True
+
+    @classmethod
     def IS_CHANGED(cls, dataset_folder="", masks_folder="", resume="", output_name="", **kwargs):
-        resumed = state_folder(output_name) if resume.strip() == "latest" and OUTPUT_NAME.match(output_name) else None
-        return folder_fingerprint(resolve_folder(dataset_folder), resolve_folder(masks_folder), resumed)
+        """The inputs' folders, and NaN (always re-run) once the ED-LoRA this node wrote is gone."""
+        try:
+            check_output_name(output_name, "output_name")
+            folders = input_folder(dataset_folder, "dataset_folder"), input_folder(masks_folder, "masks_folder")
+        except ValueError:
+            return float("nan")  # the node reports it
+        if not WRITTEN.intact(output_path(output_name)):
+            return float("nan")
+        resumed = state_folder(output_name) if resume.strip() == "latest" else None
+        return folder_fingerprint(*folders, resumed)
 
     def train(self, model, clip, vae, dataset_folder, placeholder, concept_word_1, concept_word_2, initializer_1,
               initializer_2, steps, repeats, batch_size, resolution, lr_embedding, lr_text_encoder, lr_unet, rank,
@@ -438,11 +453,14 @@ class EDLoRATrain:
               gradient_checkpointing, precision, also_save_pth, masks_folder="", resume=""):
         words = (concept_word_1.strip(), concept_word_2.strip())
         check_names(output_name, placeholder, words)
+        folders = input_folder(dataset_folder, "dataset_folder"), input_folder(masks_folder, "masks_folder")
+        if also_save_pth:
+            check_pth_replaceable(output_path(output_name), os.path.splitext(output_path(output_name))[0] + ".pth")
         require_sd15(model, clip, "EDLoRA Train")
         check_clip(clip)
         if resolution % 64:
             raise ValueError(f"resolution {resolution}: must be a multiple of 64")
-        samples = load_dataset(resolve_folder(dataset_folder), placeholder, resolution, resolve_folder(masks_folder) or None)
+        samples = load_dataset(folders[0], placeholder, resolution, folders[1] or None)
         config = TrainingConfig(
             total_steps=steps or steps_for_repeats(len(samples), repeats, batch_size), words=words,
             placeholder=placeholder, batch_size=batch_size, resolution=resolution, lr_embedding=lr_embedding,
@@ -489,7 +507,7 @@ class TrainingRun:
                 log.info("EDLoRA Train %s: interrupted, state saved to %s", self.output_name,
                          save_state(training, self.output_name, self.names))
                 comfy.model_management.throw_exception_if_processing_interrupted()
-            path = os.path.join(edlora_folder(), f"{self.output_name}.safetensors")
+            path = output_path(self.output_name)
             save_outputs(trained_edlora(training, os.path.basename(path)), path, self.also_save_pth)
             self.preview(training, prompt, preview_steps)
             name = os.path.basename(path)

@@ -3,21 +3,23 @@
 The checkpoint is an ordinary SD1.5 single file (CheckpointLoaderSimple loads its weights) plus
 the concepts' layer-wise embeddings as extra tensors `mixofshow.embedding.<word>` [16, 768] and
 their order in the metadata `mixofshow.concepts`. Fusion statistics go beside it as
-<name>.fusionstats (safetensors content; the extension keeps it out of checkpoint lists).
+<name>.fusionstats (safetensors content; the extension keeps it out of checkpoint lists), bound to
+the checkpoint by its SHA-256: saving a checkpoint rewrites or removes its sidecar, and a sidecar
+whose hash is not the checkpoint's is refused.
 """
 import json
 import os
 
 import comfy.sd
 import folder_paths
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..mixofshow_core.fusion_stats import FusionStatsError, load_fusion_stats, save_fusion_stats
-from ..mixofshow_core.safe_io import save_safetensors
+from ..mixofshow_core.safe_io import check_finite, file_sha256, save_safetensors
 from .compat import checkpoint_state
-from .concepts import concepts_of, set_concepts
+from .concepts import check_embedding, concepts_of, set_concepts
 from .layerwise import install_routing
-from .paths import file_fingerprint
+from .paths import check_output_name, file_fingerprint
 
 EMBEDDING_PREFIX = "mixofshow.embedding."
 
@@ -28,11 +30,14 @@ def save_fused_checkpoint(path, model, clip, vae=None, stats=None):
     state = checkpoint_state(model, clip, vae)
     state.update({EMBEDDING_PREFIX + w: e.float().contiguous() for w, e in concepts.embeddings})
     metadata = {"mixofshow.concepts": json.dumps([{"word": w, "source": concepts.source_of(w)} for w in concepts.words])}
+    check_finite(state, path)
+    stats_path = stats_path_for(path)
+    if os.path.isfile(stats_path):
+        os.remove(stats_path)  # it described the checkpoint this save replaces
     save_safetensors(state, path, metadata)
     written = [path]
     if stats is not None:
-        stats_path = stats_path_for(path)
-        save_fusion_stats(stats, stats_path)
+        save_fusion_stats(stats, stats_path, file_sha256(path))
         written.append(stats_path)
     return written
 
@@ -41,19 +46,46 @@ def stats_path_for(checkpoint_path):
     return os.path.splitext(checkpoint_path)[0] + ".fusionstats"
 
 
+class FusedCheckpointError(ValueError):
+    """A checkpoint Load Fused Model cannot read; the message names the file."""
+
+
 def read_concepts(path):
-    """[(word, [16, 768]), …] in saved order, and their sources, from a fused checkpoint."""
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
-        if "mixofshow.concepts" not in metadata:
-            raise ValueError(f"{os.path.basename(path)}: not a fused Mix-of-Show checkpoint (no mixofshow.concepts "
-                             f"metadata); load plain checkpoints with CheckpointLoaderSimple")
+    """[(word, [16, 768], source), …] in saved order from a fused checkpoint, every one checked."""
+    name = os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            entries = _concept_entries(name, f.metadata() or {})
+            keys = set(f.keys())
+            missing = [word for word, _ in entries if EMBEDDING_PREFIX + word not in keys]
+            if missing:
+                raise FusedCheckpointError(f"{name}: metadata names {missing[0]} but the file has no embedding for it")
+            concepts = [(word, f.get_tensor(EMBEDDING_PREFIX + word), source) for word, source in entries]
+    except (SafetensorError, OSError) as e:
+        raise FusedCheckpointError(f"{name}: not a readable .safetensors file ({e})") from e
+    for word, embedding, _ in concepts:
+        check_embedding(name, word, embedding)
+    return concepts
+
+
+def _concept_entries(name, metadata):
+    """[(word, source)] of the mixofshow.concepts metadata: a JSON list of {"word", "source"}."""
+    if "mixofshow.concepts" not in metadata:
+        raise FusedCheckpointError(f"{name}: not a fused Mix-of-Show checkpoint (no mixofshow.concepts "
+                                   f"metadata); load plain checkpoints with CheckpointLoaderSimple")
+    try:
         entries = json.loads(metadata["mixofshow.concepts"])
-        keys = set(f.keys())
-        missing = [e["word"] for e in entries if EMBEDDING_PREFIX + e["word"] not in keys]
-        if missing:
-            raise ValueError(f"{os.path.basename(path)}: metadata names {missing[0]} but the file has no embedding for it")
-        return [(e["word"], f.get_tensor(EMBEDDING_PREFIX + e["word"]), e.get("source") or "fused") for e in entries]
+    except ValueError:
+        entries = None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("word"), str)
+                                                and isinstance(e.get("source", ""), (str, type(None)))
+                                                for e in entries):
+        raise FusedCheckpointError(f"{name}: mixofshow.concepts metadata must be a JSON list of "
+                                   f'{{"word": "<name>", "source": "file"}} entries')
+    words = [e["word"] for e in entries]
+    if len(set(words)) != len(words):
+        raise FusedCheckpointError(f"{name}: mixofshow.concepts lists a word twice")
+    return [(e["word"], e.get("source") or "fused") for e in entries]
 
 
 def load_fused_checkpoint(path):
@@ -68,7 +100,7 @@ def load_fused_checkpoint(path):
     stats = None
     stats_path = stats_path_for(path)
     if os.path.isfile(stats_path):
-        stats = load_fusion_stats(stats_path)
+        stats = load_fusion_stats(stats_path, file_sha256(path))
         if stats.words != [w for w, _, _ in concepts]:
             raise FusionStatsError(f"fusion stats {os.path.basename(stats_path)}: its concepts {stats.words} are not "
                                    f"the checkpoint's {[w for w, _, _ in concepts]}; it belongs to another fusion")
@@ -99,7 +131,14 @@ class SaveFusedModel:
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, filename_prefix=None):
+        if filename_prefix is not None:  # None: linked, checked when the node runs
+            check_output_name(filename_prefix, "filename_prefix", subfolders=True)
+        return True
+
     def save(self, model, clip, vae, filename_prefix, fusion_stats=None):
+        check_output_name(filename_prefix, "filename_prefix", subfolders=True)
         folder = folder_paths.get_folder_paths("checkpoints")[0]
         full_folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder)
         path = os.path.join(full_folder, f"{name}_{counter:05}_.safetensors")

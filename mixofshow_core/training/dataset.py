@@ -53,10 +53,10 @@ def read_caption(folder, image_name, placeholder):
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: cannot be read as UTF-8 text ({e})") from e
+        raise DatasetError(f"{path}: cannot be read as UTF-8 text") from e
     caption = lines[0].strip() if lines else ""
     if placeholder not in caption:
-        raise DatasetError(f"{path}: caption {caption!r} does not contain the placeholder {placeholder}; "
+        raise DatasetError(f"{path}: the caption (first line) does not contain the placeholder {placeholder}; "
                            f"write it where the concept is named, e.g. 'a photo of {placeholder}, smiling'")
     return caption
 
@@ -65,6 +65,9 @@ def read_image(path, mode):
     try:
         with Image.open(path) as image:
             return image.convert(mode)
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{path}: refused, more than {2 * Image.MAX_IMAGE_PIXELS} pixels "
+                           f"(a decompression bomb or a needlessly huge image)") from e
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise DatasetError(f"{path}: cannot be read as an image ({e})") from e
 

@@ -1,3 +1,4 @@
+import hashlib
 import os
 
 import pytest
@@ -5,8 +6,11 @@ import torch
 from safetensors.torch import save_file
 
 from comfyui_mixofshow.mixofshow_core import sd15
-from comfyui_mixofshow.mixofshow_core.edlora_format import (EDLoRA, EDLoRAFormatError, LoRALayer, load_edlora,
-                                                            save_edlora, save_edlora_original, to_original_dict)
+from comfyui_mixofshow.mixofshow_core.edlora_format import (PTH_HASH_KEY, EDLoRA, EDLoRAFormatError, LoRALayer,
+                                                            check_pth_replaceable, load_edlora, save_edlora,
+                                                            save_edlora_original, save_edlora_with_pth,
+                                                            to_original_dict)
+from comfyui_mixofshow.mixofshow_core.safe_io import read_safetensors
 
 BLOCK = sd15.CROSS_ATTN_BLOCKS[0]
 
@@ -171,6 +175,25 @@ def malformed_cases(tmp_path):
     variant("empty.pth", lambda p: p.update({"new_concept_embedding": {}}), "no concept embeddings")
     variant("nan.pth", lambda p: p["new_concept_embedding"]["<potter2>"].__setitem__((0, 0), float("nan")), "NaN")
     variant("word.pth", lambda p: p.update({"new_concept_embedding": {"potter": torch.zeros(16, 768)}}), "must look like <name>")
+    variant("newline_word.pth", lambda p: p.update({"new_concept_embedding": {"<potter>\n": torch.zeros(16, 768)}}),
+            "must look like <name>")
+    variant("rank0.pth", lambda p: p["unet"].update({f"{BLOCK}.transformer_blocks.0.attn1.to_q.lora_down.weight": torch.zeros(0, 320),
+                                                     f"{BLOCK}.transformer_blocks.0.attn1.to_q.lora_up.weight": torch.zeros(320, 0)}),
+            "rank 0")
+    alpha_key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.alpha"
+    for name, alpha, message in (("alpha_nan.safetensors", torch.tensor(float("nan")), ".alpha nan"),
+                                 ("alpha_huge.safetensors", torch.tensor(1e30), ".alpha 1e+30"),
+                                 ("alpha_negative.safetensors", torch.tensor(-4.0), "0 < alpha/rank <= 100"),
+                                 ("alpha_vector.safetensors", torch.ones(4), ".alpha must be one number, got shape [4]")):
+        tensors, meta = read_safetensors(str(tmp_path / "good.safetensors"))
+        tensors[alpha_key] = alpha
+        save_file(tensors, str(tmp_path / name), metadata=meta)
+        cases[name] = (str(tmp_path / name), message)
+    tensors, meta = read_safetensors(str(tmp_path / "good.safetensors"))
+    down_key = alpha_key.replace(".alpha", ".lora_down.weight")
+    tensors[down_key], tensors[down_key.replace("down", "up")] = torch.zeros(0, 320), torch.zeros(320, 0)
+    save_file(tensors, str(tmp_path / "rank0.safetensors"), metadata=meta)
+    cases["rank0.safetensors"] = (str(tmp_path / "rank0.safetensors"), "rank 0")
     cases["code.pth"] = (write(tmp_path, {"params": Payload()}, "code.pth"), "not a plain tensor checkpoint")
     cases["list.pth"] = (write(tmp_path, [torch.zeros(1)], "list.pth"), "expected a dict of tensors")
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
@@ -193,6 +216,24 @@ def test_every_malformed_file_gives_one_clear_error_naming_the_file(tmp_path):
         assert str(info.value).startswith(name + ":"), str(info.value)
         assert message in str(info.value), (name, str(info.value))
     assert not os.path.exists("/tmp/mixofshow-pwned"), "loading a pickle executed its payload"
+
+
+def test_pth_copy_is_written_with_its_hash_and_replaces_only_its_own_file(tmp_path):
+    edlora = load_edlora_from(original_dict())
+    path, pth = str(tmp_path / "c.safetensors"), str(tmp_path / "c.pth")
+    save_edlora_with_pth(edlora, path, pth)
+    assert_same_nested(torch.load(pth, weights_only=True), to_original_dict(edlora))
+    assert read_safetensors(path)[1][PTH_HASH_KEY] == hashlib.sha256(open(pth, "rb").read()).hexdigest()
+    save_edlora_with_pth(edlora.renamed({"<potter1>": "<harry1>"}), path, pth)  # its own copy: replaced
+    assert list(torch.load(pth, weights_only=True)["params"]["new_concept_embedding"])[0] == "<harry1>"
+    torch.save({"mine": torch.ones(1)}, pth)  # a user's file of the same name
+    mine = open(pth, "rb").read()
+    with pytest.raises(FileExistsError, match="c.pth already exists and was not written together with c.safetensors"):
+        save_edlora_with_pth(edlora, path, pth)
+    os.remove(path)  # without the .safetensors nothing vouches for the .pth either
+    with pytest.raises(FileExistsError, match="c.pth already exists"):
+        check_pth_replaceable(path, pth)
+    assert open(pth, "rb").read() == mine and not os.path.exists(path)
 
 
 def test_missing_file():

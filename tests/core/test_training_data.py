@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from comfyui_mixofshow.harness.hostile_files import decompression_bomb_png
 from comfyui_mixofshow.mixofshow_core.training.dataset import DatasetError, load_dataset
 from comfyui_mixofshow.mixofshow_core.training.loop import steps_for_repeats
 from comfyui_mixofshow.mixofshow_core.training.transforms import (CAPTION_TEMPLATES, apply_template, bind_placeholder,
@@ -55,7 +56,8 @@ def test_masks_are_optional(dataset):
     ("missing folder", "not a folder"),
     ("empty folder", "no images"),
     ("unreadable image", "c.png: cannot be read as an image"),
-    ("caption without placeholder", "b.txt: caption 'a dog' does not contain the placeholder <TOK>"),
+    ("caption without placeholder", r"b.txt: the caption \(first line\) does not contain the placeholder <TOK>"),
+    ("decompression bomb", "c.png: refused, more than"),
     ("mask size mismatch", "b.png: mask is 32x32 but b.png is 64x48"),
     ("missing mask", "no mask for a.jpg"),
 ])
@@ -69,13 +71,16 @@ def test_bad_datasets_name_the_file_and_the_problem(tmp_path, dataset, case, mes
     elif case == "unreadable image":
         (images / "c.png").write_bytes(b"not a png at all")
     elif case == "caption without placeholder":
-        (images / "b.txt").write_text("a dog")
+        (images / "b.txt").write_text("secret words\nmore")
+    elif case == "decompression bomb":
+        decompression_bomb_png(images / "c.png")
     elif case == "mask size mismatch":
         write_image(masks / "b.png", 32, 32, mode="L")
     elif case == "missing mask":
         (masks / "a.png").unlink()
-    with pytest.raises(DatasetError, match=message):
+    with pytest.raises(DatasetError, match=message) as error:
         load_dataset(str(images), TOK, 32, str(masks))
+    assert "secret" not in str(error.value)  # file contents are never echoed
 
 
 def test_square_image_without_crop_is_pasted_at_size_minus_one_into_a_black_canvas():

@@ -9,6 +9,7 @@ import torch
 from comfyui_mixofshow.harness import models
 from comfyui_mixofshow.harness.edlora_fixtures import model_lora_shapes, random_edlora
 from comfyui_mixofshow.mixofshow_core.fusion_stats import FusionStats, FusionStatsError, save_fusion_stats
+from comfyui_mixofshow.mixofshow_core.safe_io import file_sha256
 from comfyui_mixofshow.nodes.concepts import concepts_of
 from comfyui_mixofshow.nodes.edlora_concept import Concept
 from comfyui_mixofshow.nodes.edlora_text_encode import encode_layerwise
@@ -75,8 +76,12 @@ def test_statistics_sidecar_must_belong_to_the_checkpoint(tmp_path, fused):
                                            {"name": "c1.pth", "words": ["<q1>", "<q2>"]}]))
     assert os.path.isfile(str(tmp_path / "fused.fusionstats"))
     assert load_fused_checkpoint(path)[3].words == ["<p1>", "<p2>", "<q1>", "<q2>"]
-    save_fusion_stats(FusionStats({}, [{"name": "x", "words": ["<z1>"]}]), str(tmp_path / "fused.fusionstats"))
+    other = FusionStats({}, [{"name": "x", "words": ["<z1>"]}])
+    save_fusion_stats(other, str(tmp_path / "fused.fusionstats"), file_sha256(path))
     with pytest.raises(FusionStatsError, match=r"fused.fusionstats: its concepts \['<z1>'\] are not the checkpoint's"):
+        load_fused_checkpoint(path)
+    save_fusion_stats(other, str(tmp_path / "fused.fusionstats"))  # as versions without the hash wrote it
+    with pytest.raises(FusionStatsError, match=r"fused.fusionstats: not saved with this checkpoint .*hash is missing"):
         load_fused_checkpoint(path)
 
 
