@@ -429,8 +429,11 @@ class EDLoRATrain:
 
     @classmethod
     def VALIDATE_INPUTS(cls, output_name=None):
-        if output_name is not None:  # None: linked, checked when the node runs
-            check_output_name(output_name, "output_name")
+        try:
+            if output_name is not None:  # None: linked, checked when the node runs
+                check_output_name(output_name, "output_name")
+        except ValueError as e:
+            return str(e)
         return True
 
     @classmethod

@@ -133,8 +133,11 @@ class SaveFusedModel:
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename_prefix=None):
-        if filename_prefix is not None:  # None: linked, checked when the node runs
-            check_output_name(filename_prefix, "filename_prefix", subfolders=True)
+        try:
+            if filename_prefix is not None:  # None: linked, checked when the node runs
+                check_output_name(filename_prefix, "filename_prefix", subfolders=True)
+        except ValueError as e:
+            return str(e)
         return True
 
     def save(self, model, clip, vae, filename_prefix, fusion_stats=None):
