@@ -30,9 +30,10 @@ import argparse
 import importlib.util
 import os
 import re
+import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,6 +140,13 @@ def folder_training(spec):
                     (RANDOM_INIT, class_word.strip() or RANDOM_INIT), stem)
 
 
+def copied_to_input(item, run_dir):
+    """The Training with its dataset copied into the server's input folder (EDLoRA Train reads only there)."""
+    target = Path(run_dir) / "input" / f"mixofshow_train_{item.output_name}"
+    shutil.copytree(item.dataset, target, dirs_exist_ok=True)
+    return replace(item, dataset=target, masks=target / "masks" if item.masks else "")
+
+
 def real_plan(args, run_dir):
     checkpoint = link_model(args.checkpoint, run_dir / "models" / "checkpoints")
     edloras, words = [], []
@@ -146,7 +154,7 @@ def real_plan(args, run_dir):
         edloras.append(link_model(path, run_dir / "models" / "edlora"))
         words.append(concept_words(path))
         print(f"ED-LoRA {edloras[-1]}: concept words {' '.join(words[-1])}")
-    training = [folder_training(spec) for spec in args.train]
+    training = [copied_to_input(folder_training(spec), run_dir) for spec in args.train]
     for item in training:
         print(f"To train: {item.dataset} as {' '.join(item.words)} -> models/edlora/{item.edlora}")
     edloras += [t.edlora for t in training]

@@ -374,8 +374,8 @@ class EDLoRATrain:
             "vae": ("VAE", {"tooltip": "Its VAE; encodes the training images."}),
             "dataset_folder": ("STRING", {"default": "", "tooltip": "Folder of images with same-name .txt captions "
                                           "(first line) that contain the placeholder; an image without caption is "
-                                          "captioned with the placeholder alone. A relative path is inside ComfyUI's "
-                                          "input folder."}),
+                                          "captioned with the placeholder alone. A folder inside ComfyUI's input "
+                                          "folder, e.g. my_concept; nothing outside it is read."}),
             "placeholder": ("STRING", {"default": "<TOK>", "tooltip": "What captions write for the concept; replaced "
                                        "by the two concept words."}),
             "concept_word_1": ("STRING", {"default": "<concept1>", "tooltip": "First concept word (the original's "
@@ -410,7 +410,8 @@ class EDLoRATrain:
             "save_every": number("INT", 0, 0, 1000000, 1, "Save a resumable state and an intermediate ED-LoRA every N "
                                  "steps (0: only at the end and on interrupt)."),
             "output_name": ("STRING", {"default": "my_concept", "tooltip": "Writes models/edlora/<name>.safetensors "
-                                       "(overwritten if it exists)."}),
+                                       "(overwritten if it exists): letters, digits, spaces, - _ . only, at most "
+                                       "100 bytes, not starting with '.'."}),
             "preview_every": number("INT", 0, 0, 1000000, 1, "Preview images every N steps (0: only at the end)."),
             "preview_prompt": ("STRING", {"default": "a photo of <TOK>", "multiline": True,
                                           "tooltip": "Prompt of the previews; the placeholder becomes the concept words."}),
@@ -419,12 +420,14 @@ class EDLoRATrain:
                                                    "less memory, slower steps."}),
             "precision": (list(PRECISIONS), {"default": "fp32", "tooltip": "fp32, or fp16/bf16 autocast for GPUs "
                                              "(LoRA and embeddings stay fp32)."}),
-            "also_save_pth": ("BOOLEAN", {"default": False, "tooltip": "Also write the original Mix-of-Show .pth layout."}),
+            "also_save_pth": ("BOOLEAN", {"default": False, "tooltip": "Also write the original Mix-of-Show .pth layout; "
+                                          "an existing <name>.pth this node did not write is never replaced."}),
         }, "optional": {
             "masks_folder": ("STRING", {"default": "", "tooltip": "Optional folder of same-name masks (white = concept), "
-                                        "each the size of its image; a relative path is inside the input folder."}),
+                                        "each the size of its image; a folder inside the input folder, e.g. my_concept/masks."}),
             "resume": ("STRING", {"default": "", "tooltip": "Empty: start fresh. 'latest': continue the newest saved "
-                                  "state of output_name. Or a state file path."}),
+                                  "state of output_name. Or a state file inside output/edlora_training, relative to "
+                                  "output_name's own folder there (e.g. state-000100.safetensors)."}),
         }}
 
     @classmethod

@@ -58,6 +58,14 @@ def node_inputs(images, masks, **overrides):
     return inputs
 
 
+@pytest.fixture(scope="module", autouse=True)
+def input_folder(tmp_path_factory):
+    """ComfyUI's input folder is pytest's temporary root: the datasets' tmp_path folders lie inside it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(folder_paths, "input_directory", str(tmp_path_factory.getbasetemp()))
+        yield
+
+
 @pytest.fixture(scope="module")
 def host_models():
     with torch.inference_mode():
@@ -279,7 +287,7 @@ def test_interrupt_leaves_a_state_that_resumes_to_the_uninterrupted_result(train
 @pytest.mark.parametrize("case, message", [
     ("empty folder", "no images"),
     ("unreadable image", "2.png: cannot be read as an image"),
-    ("caption without placeholder", "1.txt: caption 'a dog' does not contain the placeholder <TOK>"),
+    ("caption without placeholder", r"1.txt: the caption \(first line\) does not contain the placeholder <TOK>"),
     ("mask size mismatch", "mask is 32x32 but 0.png is 64x96"),
 ])
 def test_bad_datasets_fail_clearly_before_any_step(tmp_path, host_models, monkeypatch, case, message):
