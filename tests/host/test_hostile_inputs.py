@@ -117,7 +117,7 @@ def failure(client, graph, timeout=600):
         client.run(graph, timeout)
     messages = [data for event, data in error.value.details["status"]["messages"] if event == "execution_error"]
     assert len(messages) == 1, error.value
-    return messages[0]["node_type"], messages[0]["exception_message"]
+    return messages[0]["node_type"], messages[0]["exception_message"].strip()  # current ComfyUI adds a "\n"
 
 
 def rejection(client, graph):
