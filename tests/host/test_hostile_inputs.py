@@ -18,6 +18,7 @@ from comfyui_mixofshow.mixofshow_core.edlora_format import load_edlora
 from comfyui_mixofshow.mixofshow_core.messages import excerpt
 from comfyui_mixofshow.mixofshow_core.safe_io import read_safetensors
 
+from .node_specs import combo_options
 from .server_runs import prepared_server, running
 
 WORDS = ("<cat1>", "<cat2>")
@@ -228,8 +229,9 @@ def test_bad_fused_model_prefixes_are_refused_before_anything_runs(run, prefix):
 def test_temp_files_of_killed_saves_are_cleaned_at_start_and_never_listed(run):
     server, client = run["server"], run["client"]
     info = client.object_info()
-    listed = (info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0]
-              + info["MixOfShowEDLoRALoader"]["input"]["required"]["edlora_name"][0])
+    listed = (combo_options(info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"])
+              + combo_options(info["MixOfShowEDLoRALoader"]["input"]["required"]["edlora_name"]))
+    assert run["checkpoint"] in listed
     for folder, names in LEFTOVERS.items():
         for name in names:
             assert not (server.models_dir(folder) / name).exists() and name not in listed
