@@ -3,6 +3,8 @@
 The rest of the plugin imports host APIs that behave the same in both; anything that
 differs is wrapped here (comfyui.md §8.2).
 """
+import inspect
+
 import comfy.conds
 import comfy.ldm.modules.attention
 import comfy.model_management
@@ -47,6 +49,20 @@ def cross_attention(q, k, v, heads, extra_options):
     return kernel(q, k, v, heads)
 
 
+def add_apply_model_wrapper(model, key, wrapper):
+    """Adds wrapper(executor, x, t, c_concat, c_crossattn, control, transformer_options, **extra)
+    around the host's apply_model under `key`, once (the multi-slot WrappersMP.APPLY_MODEL, in
+    which every pack's wrapper runs). False on the 2024 host, which has no such wrappers: use its
+    single model_function_wrapper slot there."""
+    if not IS_CURRENT_HOST:
+        return False
+    import comfy.patcher_extension  # absent from the 2024 host
+    slot = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    if wrapper not in model.get_wrappers(slot, key):
+        model.add_wrapper_with_key(slot, key, wrapper)
+    return True
+
+
 def layer_grid(extra_options, num_tokens):
     """(h, w) token grid of the current cross-attention layer: the current host reports the
     activations' shape, the old one is derived from the latent size and the token count."""
@@ -56,13 +72,27 @@ def layer_grid(extra_options, num_tokens):
     return token_grid(extra_options["original_shape"][2:], num_tokens)
 
 
-def checkpoint_state(model, clip, vae=None):
-    """Single-file checkpoint state dict of MODEL + CLIP (+ VAE) with every patch applied.
+# 0.38 hands out lazily patched weights for saving (ModelPatcher/CLIP.state_dict_for_saving) and
+# its dynamic-VRAM patcher refuses force_patch_weights; v0.3.x needs force_patch_weights to merge
+# lowvram-loaded weights; the 2024 host merges every patch when it loads.
+HAS_LAZY_SAVING = hasattr(comfy.model_patcher.ModelPatcher, "state_dict_for_saving")
+FORCE_PATCH = ({"force_patch_weights": True}
+               if "force_patch_weights" in inspect.signature(comfy.model_management.load_models_gpu).parameters
+               else {})
 
-    The current host needs force_patch_weights (lowvram weight functions otherwise stay unmerged)."""
+
+def checkpoint_state(model, clip, vae=None):
+    """MODEL + CLIP (+ VAE) as one single-file state dict with every patch applied, on the CPU:
+    the steps of the host's own comfy.sd.save_checkpoint on each host."""
+    vae_state = vae.get_sd() if vae is not None else None
     clip_patcher = clip.load_model()
-    clip_state = clip.get_sd()
-    extra = {"force_patch_weights": True} if IS_CURRENT_HOST else {}
-    comfy.model_management.load_models_gpu([model, clip_patcher], **extra)
-    state = model.model.state_dict_for_saving(clip_state, vae.get_sd() if vae is not None else None, None)
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    if HAS_LAZY_SAVING:
+        clip_state = clip.state_dict_for_saving()
+        comfy.model_management.load_models_gpu([model, clip_patcher])
+        state = model.state_dict_for_saving(clip_state, vae_state, None)
+    else:
+        clip_state = clip.get_sd()
+        comfy.model_management.load_models_gpu([model, clip_patcher], **FORCE_PATCH)
+        state = model.model.state_dict_for_saving(clip_state, vae_state, None)
+    # .to("cpu") is what makes 0.38's lazy weights compute their patches
+    return {k: v.to("cpu").contiguous() for k, v in state.items()}

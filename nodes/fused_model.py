@@ -11,30 +11,56 @@ import json
 import os
 
 import comfy.sd
+import comfy.utils
 import folder_paths
+import torch
 from safetensors import SafetensorError, safe_open
 
 from ..mixofshow_core.fusion_stats import FusionStatsError, load_fusion_stats, save_fusion_stats
-from ..mixofshow_core.safe_io import check_finite, file_sha256, save_safetensors
+from ..mixofshow_core.safe_io import atomic_write, check_finite, file_sha256
 from .compat import checkpoint_state
 from .concepts import check_embedding, concepts_of, set_concepts
 from .layerwise import install_routing
 from .paths import check_output_name, file_fingerprint
 
 EMBEDDING_PREFIX = "mixofshow.embedding."
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DEFAULT_DTYPE = "default"
+CASTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def save_fused_checkpoint(path, model, clip, vae=None, stats=None):
-    """Writes the checkpoint (and the statistics sidecar) atomically; returns the paths."""
+def input_dtype(model):
+    """The dtype the input checkpoint stored the UNet in: the narrowest of fp16, bf16 and fp32
+    that holds every unpatched UNet weight exactly (hosts widen fp16 files to fp32 on the CPU)."""
+    weights = [w for k, w in model.model.diffusion_model.state_dict().items()
+               if "diffusion_model." + k not in model.patches and w.dtype in CASTABLE]
+    for dtype in (torch.float16, torch.bfloat16):
+        if all(torch.equal(w.to(dtype).to(w.dtype), w) for w in weights):
+            return dtype
+    return torch.float32
+
+
+def save_dtype(model, dtype):
+    if dtype == DEFAULT_DTYPE:
+        return input_dtype(model)
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join((DEFAULT_DTYPE,) + tuple(SAVE_DTYPES))}")
+    return SAVE_DTYPES[dtype]
+
+
+def save_fused_checkpoint(path, model, clip, vae=None, stats=None, dtype=DEFAULT_DTYPE):
+    """Writes the checkpoint (floating weights in `dtype`; the embeddings stay fp32) and the
+    statistics sidecar atomically; returns the paths."""
+    target = save_dtype(model, dtype)
     concepts = concepts_of(clip)
-    state = checkpoint_state(model, clip, vae)
+    state = {k: v.to(target) if v.dtype in CASTABLE else v for k, v in checkpoint_state(model, clip, vae).items()}
     state.update({EMBEDDING_PREFIX + w: e.float().contiguous() for w, e in concepts.embeddings})
     metadata = {"mixofshow.concepts": json.dumps([{"word": w, "source": concepts.source_of(w)} for w in concepts.words])}
     check_finite(state, path)
     stats_path = stats_path_for(path)
     if os.path.isfile(stats_path):
         os.remove(stats_path)  # it described the checkpoint this save replaces
-    save_safetensors(state, path, metadata)
+    atomic_write(path, lambda tmp: comfy.utils.save_torch_file(state, tmp, metadata=metadata))
     written = [path]
     if stats is not None:
         save_fusion_stats(stats, stats_path, file_sha256(path))
@@ -128,6 +154,10 @@ class SaveFusedModel:
             },
             "optional": {
                 "fusion_stats": ("FUSION_STATS", {"tooltip": "Statistics from 'Gradient Fuse' (gradient method)."}),
+                "dtype": ([DEFAULT_DTYPE] + list(SAVE_DTYPES), {
+                    "default": DEFAULT_DTYPE,
+                    "tooltip": "Precision of the saved weights; 'default' keeps the input checkpoint's "
+                               "(fp16 for the usual SD1.5 files)."}),
             },
         }
 
@@ -140,12 +170,12 @@ class SaveFusedModel:
             return str(e)
         return True
 
-    def save(self, model, clip, vae, filename_prefix, fusion_stats=None):
+    def save(self, model, clip, vae, filename_prefix, fusion_stats=None, dtype=DEFAULT_DTYPE):
         check_output_name(filename_prefix, "filename_prefix", subfolders=True)
         folder = folder_paths.get_folder_paths("checkpoints")[0]
         full_folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, folder)
         path = os.path.join(full_folder, f"{name}_{counter:05}_.safetensors")
-        written = save_fused_checkpoint(path, model, clip, vae, fusion_stats)
+        written = save_fused_checkpoint(path, model, clip, vae, fusion_stats, dtype)
         return {"ui": {"text": [os.path.relpath(p, folder_paths.models_dir) for p in written]}}
 
 

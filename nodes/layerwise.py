@@ -1,21 +1,24 @@
 """Routes one text encoding per cross-attention layer through any stock sampler.
 
 The 16 per-layer encodings ride in the conditioning as model_conds[CONTEXT_KEY], a
-[B, 16, T, 768] stack that ComfyUI batches and repeats like any model cond. A model
-function wrapper moves the batched stack into transformer_options, and an attn2 patch
-hands cross-attention layer `transformer_index` its own slice (comfyui.md §3.4, mechanism A).
+[B, 16, T, 768] stack that ComfyUI batches and repeats like any model cond. A router moves
+the batched stack into transformer_options, and an attn2 patch hands cross-attention layer
+`transformer_index` its own slice (comfyui.md §3.4, mechanism A). The router is an
+APPLY_MODEL wrapper where the host has the multi-slot wrapper API (so other packs' wrappers
+and model function wrappers compose with it), the model function wrapper on the 2024 host.
 
 A stack whose layers differ reaches the UNet wrapped in LayerwiseStack. Without the
-wrapper, ComfyUI's apply_model probes every extra cond's `.dtype`, and LayerwiseStack
+router, ComfyUI's apply_model probes every extra cond's `.dtype`, and LayerwiseStack
 answers that probe with a clear error instead of letting the layer-wise part be dropped.
 """
 import math
 
 import torch
 
-from .compat import Cond
+from .compat import Cond, add_apply_model_wrapper
 
 CONTEXT_KEY = "edlora_ctx"
+ROUTER_KEY = "mixofshow_layerwise"
 
 
 class UnroutedConditioningError(RuntimeError):
@@ -75,9 +78,29 @@ def add_route(key, route):
     ROUTES[key] = route
 
 
+def routed(c):
+    """The model inputs `c` with every side channel in ROUTES moved into transformer_options."""
+    c = dict(c)
+    moved = {key: route(c.pop(key), c) for key, route in ROUTES.items() if key in c}
+    if moved:
+        c["transformer_options"] = {**c.get("transformer_options", {}), **moved}
+    return c
+
+
+APPLY_MODEL_ARGS = ("c_concat", "c_crossattn", "control", "transformer_options")
+
+
+def route_apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                      **extra):
+    """WrappersMP.APPLY_MODEL wrapper; passes the host's positional arguments on as it got them."""
+    c = routed({"c_concat": c_concat, "c_crossattn": c_crossattn, "control": control,
+                "transformer_options": transformer_options or {}, **extra})
+    args = [c.pop(name) for name in APPLY_MODEL_ARGS]
+    return executor(x, t, *args, **c)
+
+
 class LayerwiseRouter:
-    """model_function_wrapper: moves every side channel in ROUTES from the cond dict into
-    transformer_options."""
+    """model_function_wrapper (2024 host): routes, then calls the wrapper it replaced, if any."""
 
     def __init__(self, previous=None):
         self.previous = previous
@@ -86,10 +109,7 @@ class LayerwiseRouter:
         return self
 
     def __call__(self, apply_model, args):
-        c = dict(args["c"])
-        routed = {key: route(c.pop(key), c) for key, route in ROUTES.items() if key in c}
-        if routed:
-            c["transformer_options"] = {**c.get("transformer_options", {}), **routed}
+        c = routed(args["c"])
         if self.previous is not None:
             return self.previous(apply_model, {**args, "c": c})
         return apply_model(args["input"], args["timestep"], **c)
@@ -113,11 +133,12 @@ def select_layer_context(n, context, value, extra_options):
 
 
 def install_routing(model):
-    """Adds the wrapper and attn2 patch to a cloned MODEL once (idempotent)."""
+    """Adds the router and the attn2 patch to a cloned MODEL once (idempotent)."""
     options = model.model_options
-    wrapper = options.get("model_function_wrapper")
-    if not isinstance(wrapper, LayerwiseRouter):
-        model.set_model_unet_function_wrapper(LayerwiseRouter(wrapper))
+    if not add_apply_model_wrapper(model, ROUTER_KEY, route_apply_model):
+        wrapper = options.get("model_function_wrapper")
+        if not isinstance(wrapper, LayerwiseRouter):
+            model.set_model_unet_function_wrapper(LayerwiseRouter(wrapper))
     patches = options["transformer_options"].get("patches", {}).get("attn2_patch", [])
     if select_layer_context not in patches:
         model.set_model_attn2_patch(select_layer_context)
