@@ -185,10 +185,9 @@ def test_reload_gives_the_in_memory_weights_and_outputs(tmp_path, fused, dtype):
         assert torch.equal(concepts_of(clip).embedding_map()[word], embedding)
     in_memory = denoise_once(fused.model, encode_layerwise(fused.clip, PROMPT), encode_layerwise(fused.clip, PROMPT), 5.0)[1]
     reloaded = denoise_once(model, encode_layerwise(clip, PROMPT), encode_layerwise(clip, PROMPT), 5.0)[1]
-    if dtype == "fp32":
-        assert torch.equal(in_memory, reloaded)
-    else:
-        assert 0 < (reloaded - in_memory).norm() / in_memory.norm() < 1e-2
+    # same weights; the host's attention may chunk differently with the free memory of the moment
+    relative = ((reloaded - in_memory).norm() / in_memory.norm()).item()
+    assert relative < (1e-5 if dtype == "fp32" else 1e-2)
 
 
 def test_save_node_defaults_to_the_input_dtype(tmp_path, fused, monkeypatch):
