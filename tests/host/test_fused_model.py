@@ -5,6 +5,7 @@ References: the input checkpoint file (W0) and the concepts' LoRA layers, merged
 import os
 from dataclasses import dataclass
 
+import comfy.model_management
 import comfy.sd
 import pytest
 import torch
@@ -49,6 +50,13 @@ def write_checkpoint(folder, dtype):
     path = str(folder / f"sd15_tiny_{str(dtype)[6:]}.safetensors")
     save_file(models.checkpoint_state(dtype=dtype), path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _unload_models():
+    """Each test loads full-size CLIPs; the host would keep every one of them loaded."""
+    yield
+    comfy.model_management.unload_all_models()
 
 
 @pytest.fixture(scope="module")
