@@ -219,7 +219,7 @@ def test_statistics_sidecar_must_belong_to_the_checkpoint(tmp_path, fused):
     save_fusion_stats(other, str(tmp_path / "fused.fusionstats"))  # as versions without the hash wrote it
     with pytest.raises(FusionStatsError, match=r"fused.fusionstats: not saved with this checkpoint .*hash is missing"):
         load_fused_checkpoint(path)
-    save_fused_checkpoint(path, fused_model, fused_clip, vae)  # an overwrite without statistics drops the old ones
+    save(tmp_path, fused)  # an overwrite without statistics drops the old ones
     assert not os.path.exists(str(tmp_path / "fused.fusionstats")) and load_fused_checkpoint(path)[3] is None
 
 
