@@ -4,6 +4,7 @@ The rest of the plugin imports host APIs that behave the same in both; anything 
 differs is wrapped here (comfyui.md §8.2).
 """
 import inspect
+from contextlib import contextmanager
 
 import comfy.conds
 import comfy.ldm.modules.attention
@@ -14,6 +15,8 @@ import comfy.utils
 from ..mixofshow_core.regions import token_grid
 
 IS_CURRENT_HOST = hasattr(comfy.model_patcher.ModelPatcher, "add_wrapper_with_key")
+RETURNS_PATCHED_WEIGHTS = "return_weight" in inspect.signature(
+    comfy.model_patcher.ModelPatcher.patch_weight_to_device).parameters
 
 try:  # the V3 node API: v0.3.64 and 0.38 load a package's comfy_entrypoint() only when it has no
     # NODE_CLASS_MAPPINGS (nodes.py load_custom_node); the 2024 host has neither the API nor the entry point
@@ -96,3 +99,37 @@ def checkpoint_state(model, clip, vae=None):
         state = model.model.state_dict_for_saving(clip_state, vae_state, None)
     # .to("cpu") is what makes 0.38's lazy weights compute their patches
     return {k: v.to("cpu").contiguous() for k, v in state.items()}
+
+
+def patched_weights(patcher, prefix, device):
+    """(name, tensor) of every entry of patcher.model's state under `prefix` (prefix removed), with
+    every weight patch the patcher holds (LoRAs loaded onto it) applied.
+
+    ComfyUI 0.38 computes each patched weight on request without touching the model, as its own
+    checkpoint saving does (dynamic VRAM never patches the loaded weights). Older hosts patch the
+    weights of the loaded model in place, so the state is read while it is loaded; the current
+    host of them needs force_patch_weights (lowvram weight functions otherwise stay unmerged)."""
+    keys = list(patcher.model_state_dict(filter_prefix=prefix))
+    if RETURNS_PATCHED_WEIGHTS:
+        for key in keys:
+            yield key[len(prefix):], patcher.patch_weight_to_device(key, device_to=device, return_weight=True)
+        return
+    comfy.model_management.load_models_gpu([patcher], **FORCE_PATCH)
+    state = patcher.model_state_dict(filter_prefix=prefix)
+    for key in keys:
+        yield key[len(prefix):], state[key]
+
+
+@contextmanager
+def training_mode():
+    """ComfyUI 0.38's training flag (its trainer sets it: ops with in-place kernels switch to ones
+    autograd can differentiate) while the context is open; the older hosts have no such flag."""
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    previous = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = previous

@@ -2,24 +2,30 @@
 CLIP and VAE.
 
 Node functions run inside torch.inference_mode() and the host's weights are inference
-tensors, which autograd may not keep for backward. Training therefore runs on private copies
-of the UNet and the text encoder, made with inference mode off from the loaded (patched)
-weights; the cached checkpoint's modules are never touched, and every hook on the copies is
-removed when training ends. Concept words are not added to the vocabulary: their [16, 768]
-tables are trained directly and spliced in by EDLoRA Text Encode's sentinel mechanism
-(bound_copies), and cross-attention layer l reads encoding l through the same attn2 patch
-as at inference.
+tensors, which autograd may not keep for backward; current ComfyUI also loads weights
+dynamically (cast per op, patches applied on the fly), so its loaded modules are not plain
+modules to train through. Training therefore runs on private UNet and text-encoder modules
+built from the host's own model config with plain ops, holding copies (made with inference
+mode off) of the weights with every host patch applied; the user's MODEL and CLIP are never
+touched. Concept words are not added to the vocabulary: their [16, 768] tables are trained
+directly and spliced in by EDLoRA Text Encode's sentinel mechanism (bound_copies), and
+cross-attention layer l reads encoding l through the same attn2 patch as at inference.
+
+An interrupt (the host's exception, raised from the progress hook or, in current ComfyUI, from
+inside any op) saves a resumable state at the last completed step and is raised again.
 """
-import copy
 import glob
 import hashlib
+import json
 import logging
 import os
 from contextlib import ExitStack, contextmanager
 
 import comfy.model_management
 import comfy.model_sampling
+import comfy.ops
 import comfy.sample
+import comfy.sd1_clip
 import comfy.utils
 import folder_paths
 import numpy as np
@@ -42,6 +48,7 @@ from ..mixofshow_core.training.loop import (EDLoRATraining, TrainingConfig, Trai
 from ..mixofshow_core.training.plot import loss_curve
 from ..mixofshow_core.training.state import TrainingStateError, load_training_state, save_training_state
 from ..mixofshow_core.training.transforms import CAPTION_TEMPLATES, bind_placeholder, longest_template
+from . import compat
 from .edlora_loader import apply_edlora
 from .edlora_text_encode import bound_copies, encode_layerwise, single_token_id
 from .layerwise import CONTEXT_KEY, select_layer_context
@@ -59,12 +66,39 @@ log = logging.getLogger("mixofshow")
 
 # ---- the host's modules as the training loop's callables -------------------------------
 
-def trainable_copy(module, device, dtype=None):
-    """A frozen private copy; made with inference mode off, its tensors are ordinary ones."""
-    duplicate = copy.deepcopy(module).to(device)
-    if dtype is not None:
-        duplicate.to(dtype)
-    return duplicate.requires_grad_(False)
+def own_tensor(tensor, device, dtype):
+    """A copy of a host tensor that autograd may use (made with inference mode off, it is an
+    ordinary tensor); `dtype`, when given, applies to floating-point tensors."""
+    dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    return tensor.detach().to(device=device, dtype=dtype, copy=True)
+
+
+def loaded_copy(skeleton, weights, device, dtype):
+    """`skeleton` (built on the meta device) holding own copies of the (name, tensor) `weights`, frozen."""
+    skeleton.load_state_dict({name: own_tensor(t, device, dtype) for name, t in weights}, strict=True, assign=True)
+    left = [name for name, t in list(skeleton.named_parameters()) + list(skeleton.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"EDLoRA Train: the host's state has no value for {', '.join(left)}")
+    return skeleton.requires_grad_(False)
+
+
+def unet_copy(model, device, dtype):
+    """The MODEL's UNet with every weight patch applied, as a private module with plain ops."""
+    config = dict(model.model.model_config.unet_config, dtype=dtype or model.model.diffusion_model.dtype)
+    with torch.no_grad():
+        skeleton = type(model.model.diffusion_model)(**config, device="meta", operations=comfy.ops.disable_weight_init)
+    return loaded_copy(skeleton, compat.patched_weights(model, "diffusion_model.", device), device, dtype)
+
+
+def text_encoder_copy(clip, device, dtype):
+    """The CLIP's SD1.5 text transformer with every weight patch applied, as a private module with
+    plain ops: the host's CLIP-L config with the loaded model's layer count."""
+    transformer = clip.cond_stage_model.clip_l.transformer
+    with open(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")) as f:
+        config = dict(json.load(f), num_hidden_layers=transformer.num_layers)
+    with torch.no_grad():
+        skeleton = type(transformer)(config, dtype or transformer.dtype, "meta", comfy.ops.disable_weight_init)
+    return loaded_copy(skeleton, compat.patched_weights(clip.patcher, "clip_l.transformer.", device), device, dtype)
 
 
 def _module_name(state_key):
@@ -162,10 +196,7 @@ def host_training(model, clip, vae, samples, config, tables, rank, gradient_chec
     schedule = noise_schedule(model)
     device = comfy.model_management.get_torch_device()
     dtype = torch.float32 if config.mixed_precision == "no" else None
-    comfy.model_management.load_models_gpu([model])
-    unet = trainable_copy(model.model.diffusion_model, device, dtype)
-    clip.load_model()
-    text = trainable_copy(clip.cond_stage_model.clip_l.transformer, device, dtype)
+    unet, text = unet_copy(model, device, dtype), text_encoder_copy(clip, device, dtype)
     comfy.model_management.unload_all_models()  # the copies are what trains; previews reload the originals
     unet_targets, text_targets = unet_lora_targets(unet, model), text_lora_targets(text)
     unet_adapters = make_adapters(unet_targets, rank, seed=derived_seed(config.seed, "lora", "unet"))
@@ -180,6 +211,7 @@ def host_training(model, clip, vae, samples, config, tables, rank, gradient_chec
     norms = [m for m in list(unet.modules()) + list(text.modules()) if isinstance(m, torch.nn.LayerNorm)]
     blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
     with ExitStack() as stack:
+        stack.enter_context(compat.training_mode())
         stack.enter_context(attached(unet_targets, unet_adapters))
         stack.enter_context(attached(text_targets, text_adapters))
         if probe is not None:
@@ -498,26 +530,35 @@ class TrainingRun:
                            gradient_checkpointing) as training:
             if resume_path is not None:
                 training.restore(*load_training_state(resume_path), self.names, resume_path)
-            progress = TrainingProgress(training, self.output_name)
+            try:
+                self.train(training, save_every, preview_every, prompt, preview_steps)
+                return self.write(training, prompt, preview_steps)
+            except comfy.model_management.InterruptProcessingException:
+                # a step interrupted inside its forward or backward has not changed what training holds
+                log.info("EDLoRA Train %s: interrupted, state at step %d saved to %s", self.output_name,
+                         training.step, save_state(training, self.output_name, self.names))
+                raise
 
-            def on_step(training, loss, norm):
-                progress(training, loss, norm)
-                if training.step < self.config.total_steps:
-                    if save_every and training.step % save_every == 0:
-                        self.save_intermediate(training)
-                    if preview_every and training.step % preview_every == 0:
-                        self.preview(training, prompt, preview_steps)
+    def train(self, training, save_every, preview_every, prompt, preview_steps):
+        progress = TrainingProgress(training, self.output_name)
 
-            finished = run_training(training, on_step, comfy.model_management.processing_interrupted)
-            if not finished:
-                log.info("EDLoRA Train %s: interrupted, state saved to %s", self.output_name,
-                         save_state(training, self.output_name, self.names))
-                comfy.model_management.throw_exception_if_processing_interrupted()
-            path = output_path(self.output_name)
-            save_outputs(trained_edlora(training, os.path.basename(path)), path, self.also_save_pth)
-            self.preview(training, prompt, preview_steps)
-            name = os.path.basename(path)
-            return {"ui": {"text": [name]}, "result": (name, curve_image(training)[None], torch.cat(self.previews))}
+        def on_step(training, loss, norm):
+            progress(training, loss, norm)
+            if training.step < self.config.total_steps:
+                if save_every and training.step % save_every == 0:
+                    self.save_intermediate(training)
+                if preview_every and training.step % preview_every == 0:
+                    self.preview(training, prompt, preview_steps)
+
+        # the host's own check before each step: it raises the interrupt exception, as its progress hook does
+        run_training(training, on_step, comfy.model_management.throw_exception_if_processing_interrupted)
+
+    def write(self, training, prompt, preview_steps):
+        path = output_path(self.output_name)
+        save_outputs(trained_edlora(training, os.path.basename(path)), path, self.also_save_pth)
+        self.preview(training, prompt, preview_steps)
+        name = os.path.basename(path)
+        return {"ui": {"text": [name]}, "result": (name, curve_image(training)[None], torch.cat(self.previews))}
 
     def save_intermediate(self, training):
         save_state(training, self.output_name, self.names)

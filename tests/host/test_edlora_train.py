@@ -20,16 +20,25 @@ from comfyui_mixofshow.mixofshow_core.training.loop import EDLoRATraining, Train
 from comfyui_mixofshow.nodes.edlora_concept import EDLoRAConcept
 from comfyui_mixofshow.nodes.edlora_loader import EDLoRALoader, apply_edlora
 from comfyui_mixofshow.nodes.edlora_text_encode import encode_layerwise
+from comfyui_mixofshow.nodes import compat, edlora_train
 from comfyui_mixofshow.nodes.edlora_train import (EDLoRATrain, host_training, initial_tables, trained_edlora)
 from comfyui_mixofshow.nodes.fusion_capture import kv_inputs
 from comfyui_mixofshow.nodes.gradient_fuse import GradientFuse
 from comfyui_mixofshow.nodes.layerwise import CONTEXT_KEY
 
+from .interrupts import (CurrentInterrupt, hooked_modules, press_interrupt_on_call, raise_in_every_op,
+                         server_progress_hook)
 from .sampling import c_in, denoise_once
 
 WORDS = ("<t1>", "<t2>")
 CAPTION = "<TOK>, red shirt, smiling"
 MID_TO_K = "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+# weights a user's LoRA changed before EDLoRA Train: LoRA targets of training and other layers
+USER_PATCHED = {"unet": ("diffusion_model.", [MID_TO_K, "diffusion_model.input_blocks.0.0.weight",
+                                              "diffusion_model.output_blocks.3.0.skip_connection.bias"]),
+                "text": ("clip_l.transformer.", ["clip_l.transformer.text_model.encoder.layers.1.self_attn.q_proj.weight",
+                                                 "clip_l.transformer.text_model.encoder.layers.0.mlp.fc2.weight",
+                                                 "clip_l.transformer.text_model.final_layer_norm.bias"])}
 
 
 def write_dataset(folder, sizes=((64, 96), (96, 64)), masks=True):
@@ -89,6 +98,19 @@ def dataset(places):
 
 def weights(patcher):
     return {k: v.clone() for k, v in patcher.model.state_dict().items()}
+
+
+def with_user_patches(model, clip, seed=7):
+    """(MODEL clone, CLIP clone, {key: delta}): the changes a LoRA loader leaves, as ("diff", …) weight patches."""
+    generator = torch.Generator().manual_seed(seed)
+    patched = {"unet": model.clone(), "text": clip.clone()}
+    deltas = {}
+    for part, (_, keys) in USER_PATCHED.items():
+        state = (patched[part] if part == "unet" else patched[part].patcher).model.state_dict()
+        changes = {k: 0.05 * torch.randn(state[k].shape, generator=generator) for k in keys}
+        patched[part].add_patches({k: ("diff", (d,)) for k, d in changes.items()})
+        deltas.update(changes)
+    return patched["unet"], patched["text"], deltas
 
 
 @pytest.fixture(scope="module")
@@ -249,39 +271,136 @@ def test_node_saves_intermediate_edloras_and_states(trained, places):
     assert load_edlora(str(places / "edlora" / "concept_steps" / "concept-000001.safetensors")).rank == 4
 
 
-def test_base_model_and_token_embeddings_stay_bit_identical(trained):
+def test_base_model_and_token_embeddings_stay_bit_identical(trained, host_models):
     _, (model_before, clip_before), (model_after, clip_after) = trained
+    model, clip, _ = host_models
     assert model_before.keys() == model_after.keys() and clip_before.keys() == clip_after.keys()
     assert all(torch.equal(model_before[k], model_after[k]) for k in model_before)
     assert all(torch.equal(clip_before[k], clip_after[k]) for k in clip_before)
     token_embedding = "clip_l.transformer.text_model.embeddings.token_embedding.weight"
     assert clip_after[token_embedding].shape == (49408, 768)
+    assert hooked_modules(model.model) == [] and hooked_modules(clip.cond_stage_model) == []
 
 
-def test_interrupt_leaves_a_state_that_resumes_to_the_uninterrupted_result(trained, host_models, dataset, places):
+def test_training_runs_on_the_users_patched_weights_and_leaves_model_and_clip_untouched(host_models, dataset):
+    """A MODEL and CLIP with a user's LoRA-like patches: before any step (LoRA adds exactly zero)
+    the training text path equals EDLoRA Text Encode on the patched CLIP bit for bit, the UNet
+    prediction equals the host sampler's on the patched MODEL, and the unpatched models differ."""
     model, clip, vae = host_models
-    interrupt_at = {"step": 1}
+    patched_model, patched_clip, _ = with_user_patches(model, clip)
+    prompt = "a photo of <t1> <t2>, red shirt"
+    with torch.inference_mode():
+        comfy.model_management.unload_all_models()
+        before = weights(model), weights(clip.patcher)
+    with torch.inference_mode(False), torch.enable_grad():
+        tables = initial_tables(patched_clip, WORDS, ("<rand-0.013>", "man"), 0)
+        with host_training(patched_model, patched_clip, vae, load_samples(dataset[0]), config(total_steps=1), tables,
+                           4, False) as training:
+            hooked = hooked_modules(model.model) + hooked_modules(clip.cond_stage_model)
+            edlora = trained_edlora(training, "untrained")
+            host = {}
+            with torch.inference_mode():
+                for name, (m, c) in {"patched": (patched_model, patched_clip), "plain": (model, clip)}.items():
+                    routed, text = apply_edlora(m, c, edlora, 1.0, 1.0)
+                    cond = encode_layerwise(text, prompt)
+                    x, denoised, sigma = (v.clone() if torch.is_tensor(v) else v
+                                          for v in denoise_once(routed, cond, cond, 1.0, t=500))
+                    host[name] = cond[0][1]["model_conds"][CONTEXT_KEY].cond.clone(), denoised
+                timestep = model.model.model_sampling.timestep(torch.tensor([sigma])).clone()
+            with torch.no_grad():
+                contexts, _ = training.model.encode_text([prompt], training.embeddings)
+                eps = training.model.predict(x * c_in(sigma), timestep, contexts)
+    with torch.inference_mode():
+        comfy.model_management.unload_all_models()
+        after = weights(model), weights(clip.patcher)
+    (patched_contexts, patched_denoised), (plain_contexts, plain_denoised) = host["patched"], host["plain"]
+    assert torch.equal(contexts, patched_contexts)
+    assert (plain_contexts - patched_contexts).abs().max() > 0.1
+    error, effect = (patched_denoised - (x - sigma * eps)).abs().max(), (plain_denoised - patched_denoised).abs().max()
+    assert error < 1e-5 and effect > 100 * error  # measured 1.2e-7 and 6.6e-3
+    assert hooked == []
+    for was, now in zip(before, after):
+        assert was.keys() == now.keys() and all(torch.equal(was[k], now[k]) for k in was)
 
-    def hook(value, total, preview, node_id=None):  # current ComfyUI also passes node_id
-        if value == interrupt_at["step"]:
-            comfy.model_management.interrupt_current_processing(True)
 
+@pytest.mark.parametrize("part", ["unet", "text"])
+def test_patched_weights_hold_every_weight_patch_and_leave_the_model_as_it_was(host_models, part):
+    """compat.patched_weights on this host: W + delta where the patcher has a patch (added in fp32,
+    stored in the weight's dtype: this CLIP keeps fp16), W elsewhere."""
+    model, clip, _ = host_models
+    patched_model, patched_clip, deltas = with_user_patches(model, clip)
+    patcher = patched_model if part == "unet" else patched_clip.patcher
+    prefix = USER_PATCHED[part][0]
+    with torch.inference_mode():
+        comfy.model_management.unload_all_models()
+        base = {k: v.clone() for k, v in patcher.model.state_dict().items() if k.startswith(prefix)}
+        got = {name: t.clone() for name, t in compat.patched_weights(patcher, prefix, torch.device("cpu"))}
+        comfy.model_management.unload_all_models()
+        after = {k: v.clone() for k, v in patcher.model.state_dict().items() if k.startswith(prefix)}
+    assert got.keys() == {k[len(prefix):] for k in base}
+    for key, weight in base.items():
+        expected = (weight.float() + deltas[key]).to(weight.dtype) if key in deltas else weight
+        assert torch.equal(got[key[len(prefix):]], expected), key
+        assert torch.equal(after[key], weight), key
+
+
+def test_training_mode_sets_the_hosts_training_flag_only_while_open(monkeypatch):
+    assert not hasattr(comfy.model_management, "in_training")  # the hosts here have none: nothing is added
+    with compat.training_mode():
+        assert not hasattr(comfy.model_management, "in_training")
+    monkeypatch.setattr(comfy.model_management, "in_training", False, raising=False)  # ComfyUI 0.38's flag
+    with pytest.raises(CurrentInterrupt), compat.training_mode():
+        assert comfy.model_management.in_training is True
+        raise CurrentInterrupt()
+    assert comfy.model_management.in_training is False
+
+
+def resume_gives_the_uninterrupted_file(host_models, inputs, places):
+    model, clip, vae = host_models
+    with torch.inference_mode():
+        EDLoRATrain().train(model, clip, vae, **{**inputs, "resume": "latest"})
+    resumed = load_file(str(places / "edlora" / f"{inputs['output_name']}.safetensors"))
+    uninterrupted = load_file(str(places / "edlora" / "concept.safetensors"))
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def saved_states(places, name):
+    return sorted(p.name for p in (places / "output" / "edlora_training" / name).iterdir())
+
+
+def test_interrupt_from_the_progress_hook_saves_the_step_and_resumes_to_the_uninterrupted_result(
+        trained, host_models, dataset, places):
+    """The server's hook raises from inside the node's progress report after step 1 (no periodic
+    saves): the state of step 1 is saved, the host's exception goes on to the executor."""
+    model, clip, vae = host_models
     inputs = node_inputs(*dataset, output_name="resumed", save_every=0, preview_every=0, also_save_pth=False)
     previous = comfy.utils.PROGRESS_BAR_HOOK
-    comfy.utils.set_progress_bar_global_hook(hook)
+    comfy.utils.set_progress_bar_global_hook(server_progress_hook(interrupt_at=1))
     try:
         with torch.inference_mode(), pytest.raises(comfy.model_management.InterruptProcessingException):
             EDLoRATrain().train(model, clip, vae, **inputs)
     finally:
         comfy.utils.set_progress_bar_global_hook(previous)
-    state = places / "output" / "edlora_training" / "resumed" / "state-000001.safetensors"
-    assert state.is_file() and not (places / "edlora" / "resumed.safetensors").exists()
-    with torch.inference_mode():
-        EDLoRATrain().train(model, clip, vae, **{**inputs, "resume": "latest"})
-    resumed = load_file(str(places / "edlora" / "resumed.safetensors"))
-    uninterrupted = load_file(str(places / "edlora" / "concept.safetensors"))
-    assert resumed.keys() == uninterrupted.keys()
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+    assert saved_states(places, "resumed") == ["state-000001.safetensors"]
+    assert not (places / "edlora" / "resumed.safetensors").exists()
+    resume_gives_the_uninterrupted_file(host_models, inputs, places)
+
+
+def test_interrupt_raised_inside_an_op_saves_the_last_completed_step(trained, host_models, dataset, places,
+                                                                    monkeypatch):
+    """ComfyUI 0.38: a BaseException from the next op, here in the middle of step 2's UNet forward."""
+    model, clip, vae = host_models
+    raise_in_every_op(monkeypatch)
+    inputs = node_inputs(*dataset, output_name="op_interrupted", save_every=0, preview_every=0, also_save_pth=False)
+    with monkeypatch.context() as patch:
+        calls = press_interrupt_on_call(patch, edlora_train, "unet_forward", call=2)
+        with torch.inference_mode(), pytest.raises(CurrentInterrupt):
+            EDLoRATrain().train(model, clip, vae, **inputs)
+    assert len(calls) == 2 and not comfy.model_management.processing_interrupted()
+    assert saved_states(places, "op_interrupted") == ["state-000001.safetensors"]
+    assert not (places / "edlora" / "op_interrupted.safetensors").exists()
+    resume_gives_the_uninterrupted_file(host_models, inputs, places)
 
 
 @pytest.mark.parametrize("case, message", [

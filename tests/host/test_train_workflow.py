@@ -1,11 +1,17 @@
 """The training workflow (workflows/edlora_train*.json) through a real, headless ComfyUI server,
 as scripts/demo.sh queues it: EDLoRA Train on the demo checkpoint with the demo's generated
 drawings (captions with <TOK>, masks), one step at 64 px; then the trained file in the
-txt2img workflow's EDLoRA Loader.
+txt2img workflow's EDLoRA Loader; and the interrupt button during training, then resume.
 """
+import copy
+import time
+
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from comfyui_mixofshow.harness import demo_data, demo_models, workflows
+from comfyui_mixofshow.harness.server import ComfyError, execution_errors
 from comfyui_mixofshow.mixofshow_core.edlora_format import load_edlora
 
 from .server_runs import assert_ui_matches_api, checked_pixels, prepared_server, run_image, running, workflow_pair
@@ -72,3 +78,41 @@ def test_trained_edlora_samples_in_the_txt2img_workflow(run):
 def test_ui_workflow_sends_the_api_workflow(run):
     _, client, _, _ = run
     assert_ui_matches_api(*workflow_pair("edlora_train"), client.object_info())
+
+
+def training_graph(graph, output_name, steps, resume=""):
+    graph = copy.deepcopy(graph)
+    graph[workflows.only_node(graph, "MixOfShowEDLoRATrain")]["inputs"].update(
+        output_name=output_name, steps=steps, resume=resume, save_every=0, preview_every=0)
+    return graph
+
+
+def wait_for_log_line(server, text, timeout=600):
+    deadline = time.monotonic() + timeout
+    while text not in server.log_path.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} not in {server.log_path} within {timeout} s"
+        time.sleep(0.05)
+
+
+def test_interrupt_button_saves_a_state_that_resume_latest_completes_bit_for_bit(run):
+    """POST /interrupt while step 2 of 4 runs (no periodic saves): the prompt ends as interrupted
+    with the last completed step saved; 'resume: latest' finishes it, and its file equals a run
+    that was never interrupted."""
+    server, client, _, graph = run
+    name, steps = "mixofshow_test_interrupted_cat", 4
+    prompt_id = client.queue(training_graph(graph, name, steps))
+    wait_for_log_line(server, f"EDLoRA Train {name}: step 1/{steps}")
+    client.interrupt()
+    with pytest.raises(ComfyError) as stopped:
+        client.wait(prompt_id, timeout=900)
+    assert "interrupted at node" in execution_errors(stopped.value.details)
+    states = sorted((server.run_dir / "output" / "edlora_training" / name).glob("state-*.safetensors"))
+    assert len(states) == 1 and 1 <= int(states[0].stem[len("state-"):]) < steps, states
+    edloras = server.models_dir("edlora")
+    assert not (edloras / f"{name}.safetensors").exists()
+    client.run(training_graph(graph, name, steps, resume="latest"), timeout=900)
+    client.run(training_graph(graph, "mixofshow_test_straight_cat", steps), timeout=900)
+    resumed = load_file(str(edloras / f"{name}.safetensors"))
+    straight = load_file(str(edloras / "mixofshow_test_straight_cat.safetensors"))
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
