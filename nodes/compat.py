@@ -11,6 +11,7 @@ import comfy.ldm.modules.attention
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
+import torch
 
 from ..mixofshow_core.regions import token_grid
 
@@ -112,7 +113,10 @@ def patched_weights(patcher, prefix, device):
     keys = list(patcher.model_state_dict(filter_prefix=prefix))
     if RETURNS_PATCHED_WEIGHTS:
         for key in keys:
-            yield key[len(prefix):], patcher.patch_weight_to_device(key, device_to=device, return_weight=True)
+            weight = patcher.patch_weight_to_device(key, device_to=device, return_weight=True)
+            # a weight the checkpoint lacks stays on the meta device until an op zero-fills it (ops.py
+            # materialize_meta_param)
+            yield key[len(prefix):], torch.zeros(weight.shape, dtype=weight.dtype) if weight.is_meta else weight
         return
     comfy.model_management.load_models_gpu([patcher], **FORCE_PATCH)
     state = patcher.model_state_dict(filter_prefix=prefix)
