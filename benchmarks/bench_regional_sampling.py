@@ -1,6 +1,20 @@
 """Cost of regional sampling relative to plain sampling and to ComfyUI's masked conditioning.
 
     .venv/bin/python benchmarks/bench_regional_sampling.py [--quick] [--width 256 --height 128 --steps 4 --repeats 3]
+    .venv/bin/python benchmarks/bench_regional_sampling.py --memory
+
+--memory: peak memory instead of time, on the tiny model (32-channel TINY_UNET, 2-layer CLIP, a
+seeded ED-LoRA so prompts carry 16 distinct layer encodings), all rows in one process:
+- one regional sampling step (Apply Regions + one euler step, cfg 7.5, 64x64 pixels) against the
+  length of a region prompt (two regions: a 3-chunk prompt and one of 1, 4, 16 chunks of 75
+  tokens) and against the number of regions (1, 8, 32 one-chunk prompts, tiling the image); encodings are made
+  beforehand, so a row measures what sampling adds;
+- one EDLoRA Text Encode of a concept prompt of 1, 4, 16 chunks.
+On a CPU the peak is the process's resident set above its value at the start of the row, sampled
+every millisecond, with glibc's mmap threshold fixed (the script re-executes itself with it) so
+freed tensors leave the resident set; on CUDA it is torch's peak allocation.
+
+Timing (the default):
 
 One seeded random UNet (harness.models.CHECKPOINT_UNET: SD1.5 topology, 320 channels at every
 level; --quick: the 32-channel TINY_UNET), one sampler, steps and resolution for every row:
@@ -15,9 +29,15 @@ the process's CPU time with one torch thread, which other jobs on the machine di
 than wall time; on CUDA they use wall time. Target: 3 regions cost at most 1.25x plain.
 """
 import argparse
+import gc
 import logging
+import os
 import statistics
+import sys
+import threading
 import time
+
+import psutil
 
 import torch
 
@@ -30,6 +50,9 @@ import comfy.utils  # noqa: E402
 import nodes as comfy_nodes  # noqa: E402
 
 from comfyui_mixofshow.harness import models  # noqa: E402
+from comfyui_mixofshow.harness.edlora_fixtures import model_lora_shapes, random_edlora  # noqa: E402
+from comfyui_mixofshow.nodes.edlora_loader import apply_edlora  # noqa: E402
+from comfyui_mixofshow.nodes.edlora_text_encode import encode_layerwise  # noqa: E402
 from comfyui_mixofshow.nodes.region_prompt import RegionPrompt  # noqa: E402
 from comfyui_mixofshow.nodes.regional_sampler import apply_regions  # noqa: E402
 
@@ -114,8 +137,128 @@ def interleaved_medians(runs, steps, repeats):
     return {name: tuple(statistics.median(column) for column in zip(*values)) for name, values in times.items()}
 
 
+# ---------------------------------------------------------------- memory
+
+PROMPT_CHUNKS = (1, 4, 16)
+MEMORY_REGION_COUNTS = (1, 8, 32)
+OTHER_REGION_CHUNKS = 3
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+class PeakMemory:
+    """Peak memory above the value on entry: torch's peak allocation on CUDA, else the resident
+    set sampled every millisecond in a thread."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        self.process = psutil.Process()
+
+    def __enter__(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.stop = threading.Event()
+        self.start = self.peak = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self.stop.wait(0.001):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+            return
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def growth_mib(self):
+        return (self.peak - self.start) / 2 ** 20
+
+
+def prompt_of_chunks(clip, chunks):
+    """A concept prompt that the host tokenizer splits into exactly `chunks` chunks."""
+    words = 75 * (chunks - 1) + 60
+    text = "a photo of <c1> <c2>, " + " ".join(["castle"] * words)
+    found = len(clip.tokenize(text)["l"])
+    assert found == chunks, f"prompt_of_chunks: {found} chunks, wanted {chunks}"
+    return text
+
+
+def concept_model(width, height):
+    """(MODEL, CLIP, positive, negative, latent): the tiny model with a seeded ED-LoRA of <c1> <c2>."""
+    model, clip = models.tiny_model(), models.tiny_clip()
+    edlora = random_edlora(["<c1>", "<c2>"], *model_lora_shapes(model, clip), seed=3, embedding_scale=0.5)
+    model, clip = apply_edlora(model, clip, edlora, 0.7, 0.6)
+    latent = {"samples": torch.zeros(1, 4, height // 8, width // 8)}
+    return model, clip, encode(clip, GLOBAL_PROMPT), encode(clip, GLOBAL_NEGATIVE), latent
+
+
+def tile_boxes(count, columns=8):
+    """Normalized boxes tiling the image in rows of up to `columns` (whole cells of an 8x8 latent)."""
+    columns = min(count, columns)
+    rows = -(-count // columns)
+    return [(i % columns / columns, i // columns / rows, (i % columns + 1) / columns, (i // columns + 1) / rows)
+            for i in range(count)]
+
+
+def concept_regions(clip, prompt_chunks):
+    """Tiled regions, one per entry of prompt_chunks, each with a concept prompt of that many chunks."""
+    regions = ()
+    for box, chunks in zip(tile_boxes(len(prompt_chunks)), prompt_chunks):
+        regions = RegionPrompt().add_region(clip, prompt_of_chunks(clip, chunks), REGION_NEGATIVE,
+                                            ", ".join(map(str, box)), "normalized", 64, 64, 1.0, regions=regions)[0]
+    return regions
+
+
+def sampling_peak(setup, regions):
+    model, _, positive, negative, latent = setup
+    with PeakMemory() as peak:
+        regional_run(model, positive, negative, regions, latent)(1)
+    return peak.growth_mib
+
+
+def encode_peak(clip, text):
+    with PeakMemory() as peak:
+        encode_layerwise(clip, text)
+    return peak.growth_mib
+
+
+def memory_tables():
+    setup = concept_model(64, 64)
+    clip = setup[1]
+    regional_run(setup[0], *setup[2:4], concept_regions(clip, (1,)), setup[4])(1)  # warm-up
+    print("| regions (prompt chunks) | peak growth of one sampling step (MiB) |")
+    print("|---|---|")
+    for chunks in PROMPT_CHUNKS:
+        lengths = (OTHER_REGION_CHUNKS, chunks)
+        print(f"| 2 ({', '.join(map(str, lengths))}) | {sampling_peak(setup, concept_regions(clip, lengths)):.1f} |")
+    for count in MEMORY_REGION_COUNTS:
+        print(f"| {count} (1 each) | {sampling_peak(setup, concept_regions(clip, (1,) * count)):.1f} |")
+    print("\n| concept prompt chunks | peak growth of one EDLoRA Text Encode (MiB) |")
+    print("|---|---|")
+    for chunks in PROMPT_CHUNKS:
+        print(f"| {chunks} | {encode_peak(clip, prompt_of_chunks(clip, chunks)):.1f} |")
+
+
+def rerun_with_fixed_mmap_threshold():
+    """Re-executes the script with FIXED_MMAP_THRESHOLD unless it is set (CPU only)."""
+    if torch.cuda.is_available() or all(os.environ.get(k) == v for k, v in FIXED_MMAP_THRESHOLD.items()):
+        return
+    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, **FIXED_MMAP_THRESHOLD})
+
+
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory", action="store_true", help="peak memory tables instead of timing (tiny model)")
     parser.add_argument("--quick", action="store_true",
                         help="the 32-channel TINY_UNET at 128x64 pixels, 2 steps, 1 repeat (a smoke run)")
     parser.add_argument("--model", choices=["CHECKPOINT_UNET", "TINY_UNET"], default=None,
@@ -172,6 +315,11 @@ def main():
     torch.set_num_threads(args.threads)
     comfy.utils.PROGRESS_BAR_ENABLED = False
     logging.getLogger().setLevel(logging.WARNING)
+    if args.memory:
+        rerun_with_fixed_mmap_threshold()
+        with torch.inference_mode():
+            memory_tables()
+        return
     with torch.inference_mode():
         seconds = interleaved_medians(build_runs(args), args.steps, args.repeats)
     config = getattr(models, args.model)

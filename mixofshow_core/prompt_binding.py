@@ -12,6 +12,10 @@ import torch
 
 CONCEPT_PATTERN = re.compile(r"<[\w\-.+]+>")
 
+# Chunks (75 tokens each, 77 with start and end) one prompt may hold: about 4,800 tokens, far
+# beyond CLIP's useful context; each chunk of a concept prompt is encoded once per layer copy.
+MAX_PROMPT_CHUNKS = 64
+
 
 class UnknownConceptError(ValueError):
     """A prompt names a concept word that no loaded ED-LoRA provides."""
@@ -52,6 +56,13 @@ def bind_layer(token_chunks, sentinel_id, word_order, embeddings, layer):
     if position != len(word_order):
         raise ValueError(f"text: found {position} concept tokens after tokenizing, expected {len(word_order)}")
     return bound
+
+
+def check_prompt_chunks(token_chunks, label="text"):
+    """Refuses a tokenized prompt (a list of chunks) longer than MAX_PROMPT_CHUNKS."""
+    if len(token_chunks) > MAX_PROMPT_CHUNKS:
+        raise ValueError(f"{label}: {len(token_chunks)} chunks of 75 tokens, more than the {MAX_PROMPT_CHUNKS} a "
+                         f"prompt may hold (about {MAX_PROMPT_CHUNKS * 75} tokens); shorten it")
 
 
 def count_token(token_chunks, token_id):

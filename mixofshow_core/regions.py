@@ -16,6 +16,12 @@ from .messages import excerpt
 
 UNITS = ("normalized", "pixels")
 
+# Caps on what one regional sampling may hold, far above what the original's examples use
+# (2-4 regions of one chunk each); they bound the memory of the region encodings.
+MAX_REGIONS = 32
+MAX_REGION_CHUNKS = 128  # chunks of 77 tokens over all region prompts (and, apart, all region negatives)
+CHUNK_TOKENS = 77
+
 # Box edges closer than this to a cell border snap to it, so 0.28 * 50 = 14.000000000000002
 # starts at row 14 as intended instead of row 15.
 _GRID_EPS = 1e-6
@@ -44,6 +50,23 @@ class RegionSpec:
     prompt: str
     negative: str
     box: Box
+
+
+# ---------------------------------------------------------------- caps
+
+def check_region_count(count, label="regions"):
+    if count > MAX_REGIONS:
+        raise RegionError(f"{label}: {count} regions, more than the {MAX_REGIONS} one regional sampling may hold; "
+                          f"merge regions or sample in parts")
+
+
+def check_region_tokens(token_counts, label):
+    """Refuses region encodings whose token counts (one per region) add up to more than
+    MAX_REGION_CHUNKS chunks."""
+    chunks = sum(-(-int(t) // CHUNK_TOKENS) for t in token_counts)
+    if chunks > MAX_REGION_CHUNKS:
+        raise RegionError(f"regions: the region {label}s hold {chunks} chunks of {CHUNK_TOKENS} tokens in all, more "
+                          f"than {MAX_REGION_CHUNKS}; shorten them or use fewer regions")
 
 
 # ---------------------------------------------------------------- parsing
@@ -139,8 +162,10 @@ def parse_prompt_rewrite(text, image_width, image_height):
     Boxes are pixels of the image_width x image_height condition image, row first.
     """
     _check_image_size(image_width, image_height, "prompt_rewrite")
+    entries = _split_entries(text)
+    check_region_count(len(entries), "prompt_rewrite")
     specs = []
-    for number, entry in enumerate(_split_entries(text), start=1):
+    for number, entry in enumerate(entries, start=1):
         label = f"prompt_rewrite entry {number}"
         if not entry.strip():
             raise RegionError(f"{label}: is empty")

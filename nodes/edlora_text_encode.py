@@ -1,7 +1,9 @@
 """EDLoRA Text Encode: one text encoding per UNet cross-attention layer."""
+import torch
+
 from ..mixofshow_core import sd15
-from ..mixofshow_core.prompt_binding import (bind_layer, concept_words_in, count_token, distinct_layers,
-                                             replace_concept_words)
+from ..mixofshow_core.prompt_binding import (bind_layer, check_prompt_chunks, concept_words_in, count_token,
+                                             distinct_layers, replace_concept_words)
 from .concepts import concepts_of
 from .layerwise import CONTEXT_KEY, context_cond
 from .model_keys import require_sd15
@@ -9,6 +11,9 @@ from .model_keys import require_sd15
 # Single-token words that stand in for concept words while the host tokenizer runs;
 # the first one that does not already occur in the prompt is used.
 SENTINEL_WORDS = ("walrus", "harpsichord", "zeppelin", "kazoo", "marmot", "ocelot", "toucan", "yodel")
+
+# Token chunks the CLIP encodes in one forward: the 16 layer copies of a 4-chunk prompt.
+ENCODE_BATCH = 64
 
 
 def single_token_id(clip, word):
@@ -29,7 +34,17 @@ def pick_sentinel(clip, text_without_concepts):
 
 def encode_plain(clip, text):
     """Exactly what CLIPTextEncode produces: ([1, T, D] context, pooled)."""
-    return clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    tokens = clip.tokenize(text)
+    check_prompt_chunks(tokens["l"])
+    return clip.encode_from_tokens(tokens, return_pooled=True)
+
+
+def encode_chunks(clip, chunks):
+    """([1, len(chunks) * 77, D] context, pooled of the first chunk): encode_from_tokens over the
+    chunks, ENCODE_BATCH at a time (chunks are encoded independently, so batching changes nothing)."""
+    encoded = [clip.encode_from_tokens({"l": chunks[start:start + ENCODE_BATCH]}, return_pooled=True)
+               for start in range(0, len(chunks), ENCODE_BATCH)]
+    return torch.cat([cond for cond, _ in encoded], dim=1), encoded[0][1]
 
 
 def bound_copies(clip, text, layers, embeddings=None):
@@ -41,6 +56,7 @@ def bound_copies(clip, text, layers, embeddings=None):
     sentinel, sentinel_id = pick_sentinel(clip, stripped)
     replaced, words = replace_concept_words(text, embeddings.keys(), sentinel)
     tokens = clip.tokenize(replaced)
+    check_prompt_chunks(tokens["l"])
     if count_token(tokens["l"], sentinel_id) != len(words):
         raise ValueError(f"text: a concept word is glued to other characters; put spaces around {words[0]}")
     return [bind_layer(tokens["l"], sentinel_id, words, embeddings, layer) for layer in layers], words
@@ -48,7 +64,7 @@ def bound_copies(clip, text, layers, embeddings=None):
 
 def encode_layerwise(clip, text):
     """CONDITIONING whose model_conds carry a [1, 16, T, D] stack: copy l binds row l of every
-    concept word (Mix-of-Show's bind_concept_prompt), all copies in one batched forward.
+    concept word (Mix-of-Show's bind_concept_prompt), the copies' chunks in batched forwards.
 
     The ordinary context is copy 0, so ControlNet and stock nodes see a normal 77-token cond.
     A prompt without concept words encodes exactly like CLIPTextEncode; when the CLIP carries
@@ -62,7 +78,7 @@ def encode_layerwise(clip, text):
     words = set(concept_words_in(text)) & set(concepts.words)
     layers, index_of = distinct_layers(concepts.embedding_map(), words, sd15.NUM_CROSS_ATTN_LAYERS)
     copies, _ = bound_copies(clip, text, layers)
-    cond, pooled = clip.encode_from_tokens({"l": [chunk for copy in copies for chunk in copy]}, return_pooled=True)
+    cond, pooled = encode_chunks(clip, [chunk for copy in copies for chunk in copy])
     per_layer = cond.reshape(cond.shape[0], len(layers), -1, cond.shape[-1])
     stack = per_layer[:, index_of]
     return _conditioning(stack[:, 0], pooled, stack)

@@ -1,25 +1,33 @@
 """Region-aware cross-attention (Mix-of-Show's RegionT2I_AttnProcessor) under any stock sampler.
 
 Region data rides in the conditioning like the layer-wise contexts (layerwise.py): every
-conditioning dict gets model_conds[REGIONS_KEY], a RegionContexts holding the [1, R, 16, T, D]
-layer-wise region encodings (region prompts on the positive conditioning, region negatives on
-the negative one) and the RegionLayout shared by both. ComfyUI repeats and batches it per row
-like any model cond, so each row of a UNet call carries its own region encodings and the
-uncond rows attend to the region negatives by construction, whatever cond_or_uncond holds.
-The layer-wise router moves the batch into transformer_options (scaling ControlNet/T2I-Adapter
-residuals inside regions on the way), and RegionalAttention, the attn2 replace patch of every
-cross-attention block, rewrites the attention output inside each region.
+conditioning dict gets model_conds[REGIONS_KEY], a RegionContexts holding each region's
+layer-wise encoding [1, 16, T_r, D] at its own token count (region prompts on the positive
+conditioning, region negatives on the negative one) and the RegionLayout shared by both.
+ComfyUI repeats and batches it per row like any model cond, so each row of a UNet call carries
+its own region encodings and the uncond rows attend to the region negatives by construction,
+whatever cond_or_uncond holds. The layer-wise router moves the batch into transformer_options
+(scaling ControlNet/T2I-Adapter residuals inside regions on the way). In every cross-attention
+block, append_region_contexts (an attn2 patch) puts the layer's region encodings behind the
+context, so the block the sampler actually runs projects them with its own to_k/to_v (a clone,
+a deep copy, a per-device copy or the host's non-dynamic delegate alike), and RegionalAttention,
+the attn2 replace patch, splits them off again and rewrites the attention output inside each
+region. Each region attends to its own tokens only: nothing is padded to a token count
+common to all regions.
 """
 import math
 
 import comfy.utils
 import torch
+import torch.nn.functional as F
 
 from ..mixofshow_core.regions import RegionError, adapter_weight_map, region_shares, region_weights
 from .compat import Cond, cross_attention, layer_grid
 from .layerwise import UnroutedConditioningError, add_route
 
 REGIONS_KEY = "mixofshow_regions"
+# extra_options entry append_region_contexts leaves for RegionalAttention in the same block call
+CONTEXT_TOKENS_KEY = "mixofshow_region_context_tokens"
 
 # SD1.5 cross-attention blocks in transformer_index order, with their attn2 module paths.
 ATTN2_BLOCKS = tuple([("input", n) for n in (1, 2, 4, 5, 7, 8)] + [("middle", 0)]
@@ -109,44 +117,61 @@ class RegionGrid:
         return out
 
 
-def tokens_concatenable(a, b):
-    """The host's CONDCrossAttn rule for contexts of a and b tokens."""
-    return math.lcm(a, b) // min(a, b) <= 4
-
-
-def repeat_tokens(contexts, tokens, axis):
-    """Repeats contexts along the token axis up to `tokens`; attention to it is unchanged."""
-    repeats = [1] * contexts.dim()
-    repeats[axis] = tokens // contexts.shape[axis]
-    return contexts.repeat(*repeats)
+def layer_of(encoding, layer):
+    """[B, T, D] layer `layer` of a [B, L, T, D] region encoding (L = 1: the same for every layer)."""
+    if encoding.shape[1] == 1:
+        return encoding[:, 0]
+    if layer >= encoding.shape[1]:
+        raise RegionError(f"regions: cross-attention layer {layer} has no region encoding "
+                          f"({encoding.shape[1]} layers); regions need an SD1.5 model")
+    return encoding[:, layer]
 
 
 class RegionContexts(Cond):
-    """model_conds entry: [B, R, L, T, D] region encodings and their RegionLayout."""
+    """model_conds entry: one [B, L, T_r, D] encoding per region, each with its own token count
+    T_r (L = 16 layers, or 1 when they are all equal), and the RegionLayout."""
 
     def __init__(self, cond, layout):
-        super().__init__(cond)
+        super().__init__(tuple(cond))
         self.layout = layout
 
     def _copy_with(self, cond):
         return RegionContexts(cond, self.layout)
 
+    def process_cond(self, batch_size, device=None, **kwargs):
+        return self._copy_with(comfy.utils.repeat_to_batch_size(c, batch_size).to(device or c.device)
+                               for c in self.cond)
+
+    def size(self):
+        first = self.cond[0]
+        return [first.shape[0], sum(c.shape[2] for c in self.cond), first.shape[3]]
+
     def can_concat(self, other):
-        a, b = self.cond.shape, other.cond.shape
-        return other.layout is self.layout and a[:3] == b[:3] and a[4] == b[4] and tokens_concatenable(a[3], b[3])
+        return other.layout is self.layout
 
     def concat(self, others):
-        conds = [self.cond] + [o.cond for o in others]
-        tokens = math.lcm(*(c.shape[3] for c in conds))
-        return RegionBatch(torch.cat([repeat_tokens(c, tokens, 3) for c in conds]), self.layout)
+        return RegionBatch([self.cond] + [o.cond for o in others], self.layout)
 
 
 class RegionBatch:
-    """The region data of one UNet call; only the layer-wise router may unwrap it."""
+    """The region data of one UNet call: the region encodings of each conditioning entry in it
+    (a run of rows), in row order. Only the layer-wise router may unwrap it.
 
-    def __init__(self, contexts, layout):
-        self.contexts = contexts
+    In every cross-attention layer the region encodings ride behind the context, region r in a
+    slot of the largest T_r of any entry (zero-padded), so the running block projects them with
+    its own to_k/to_v; runs[r] lists (first row, end row, tokens): which rows read how many
+    tokens of slot r."""
+
+    def __init__(self, entries, layout):
+        self.entries = [tuple(entry) for entry in entries]
         self.layout = layout
+        lengths = [[encoding.shape[2] for encoding in entry] for entry in self.entries]
+        self.slots = [max(column) for column in zip(*lengths)]
+        self.offsets = [sum(self.slots[:r]) for r in range(len(self.slots))]
+        self.span = sum(self.slots)
+        self.rows = sum(entry[0].shape[0] for entry in self.entries)
+        self.runs = [row_runs([(entry[r].shape[0], entry[r].shape[2]) for entry in self.entries])
+                     for r in range(len(self.slots))]
 
     @property
     def dtype(self):
@@ -154,6 +179,28 @@ class RegionBatch:
             "regions reached a MODEL without the regional attention patch: connect the MODEL output of "
             "'Apply Regions' to the sampler, and keep it after any model patch that replaces the model "
             "function wrapper")
+
+    def to(self, device):
+        return RegionBatch([[encoding.to(device) for encoding in entry] for entry in self.entries], self.layout)
+
+    def layer_tokens(self, layer):
+        """[B, span, D]: every region's layer-`layer` encoding in its slot, rows in order."""
+        rows = [torch.cat([F.pad(layer_of(encoding, layer), (0, 0, 0, slot - encoding.shape[2]))
+                           for encoding, slot in zip(entry, self.slots)], dim=1)
+                for entry in self.entries]
+        return torch.cat(rows)
+
+
+def row_runs(row_counts_and_tokens):
+    """Merges consecutive (rows, tokens) pairs with equal tokens into (first row, end row, tokens) runs."""
+    runs, first = [], 0
+    for rows, tokens in row_counts_and_tokens:
+        if runs and runs[-1][2] == tokens:
+            runs[-1] = (runs[-1][0], first + rows, tokens)
+        else:
+            runs.append((first, first + rows, tokens))
+        first += rows
+    return runs
 
 
 def scale_control(control, layout):
@@ -175,69 +222,86 @@ def route_regions(batch, c):
         c["control"] = scale_control(c["control"], batch.layout)
     context = c.get("c_crossattn")
     if isinstance(context, torch.Tensor):
-        return RegionBatch(batch.contexts.to(context.device), batch.layout)
+        return batch.to(context.device)
     return batch
 
 
 add_route(REGIONS_KEY, route_regions)
 
 
+def append_region_contexts(n, context, value, extra_options):
+    """attn2_patch: the layer's region encodings go behind the context and the value, so the
+    block that runs projects them with its own to_k/to_v (whatever copy of the model that is);
+    the context length it leaves is recorded for RegionalAttention to check."""
+    batch = extra_options.get(REGIONS_KEY)
+    if batch is None:
+        return n, context, value
+    if batch.rows != context.shape[0]:
+        raise RegionError(f"regions: {batch.rows} rows of region encodings for a batch of {context.shape[0]}; "
+                          f"connect the conditioning from 'Apply Regions' unchanged")
+    regions = batch.layer_tokens(extra_options["transformer_index"]).to(context)
+    extra_options[CONTEXT_TOKENS_KEY] = context.shape[1] + regions.shape[1]
+    return n, torch.cat([context, regions], dim=1), torch.cat([value, regions.to(value)], dim=1)
+
+
 class RegionalAttention:
     """attn2 replace patch of one cross-attention block.
 
-    The global output is the usual attention (or the block's previous replace patch). With
-    region data in the call, each region's output is the attention of the queries it covers to
-    that region's layer-l encoding, projected with this block's own to_k/to_v (so LoRA and
-    fused weights apply), and RegionGrid mixes them in (combine_region_outputs' rule): replaced
-    inside a region, averaged where regions overlap, global outside; soft masks act as weights."""
+    With region data in the call, k and v end with the region encodings' projections
+    (append_region_contexts). The global output is the usual attention to the rest (or the
+    block's previous replace patch on it). Each region's output is the attention of the queries
+    it covers to that region's own tokens, and RegionGrid mixes them in (combine_region_outputs'
+    rule): replaced inside a region, averaged where regions overlap, global outside; soft masks
+    act as weights."""
 
-    def __init__(self, attn2, previous=None):
-        self.attn2 = attn2
+    def __init__(self, previous=None):
         self.previous = previous
 
     def __deepcopy__(self, memo):
         return self
 
     def __call__(self, q, k, v, extra_options):
-        heads = extra_options["n_heads"]
-        if self.previous is not None:
-            out = self.previous(q, k, v, extra_options)
-        else:
-            out = cross_attention(q, k, v, heads, extra_options)
         batch = extra_options.get(REGIONS_KEY)
         if batch is None:
-            return out
-        contexts = self.layer_contexts(batch.contexts, extra_options["transformer_index"], q)
+            return self.global_attention(q, k, v, extra_options)
+        if extra_options.get(CONTEXT_TOKENS_KEY) != k.shape[1]:
+            raise RegionError("regions: another cross-attention patch changed the context after 'Apply Regions' "
+                              "added the region prompts; apply that patch to the model before 'Apply Regions'")
+        split = k.shape[1] - batch.span
+        out = self.global_attention(q, k[:, :split].contiguous(), v[:, :split].contiguous(), extra_options)
         h, w = layer_grid(extra_options, q.shape[1])
         grid = batch.layout.grid(extra_options["original_shape"][2:], h, w, q.device)
-        # rows are region-major: region r's keys for the batch are keys[r], [B, T, C]
-        keys = self.attn2.to_k(contexts).unflatten(0, (len(batch.layout), -1))
-        values = self.attn2.to_v(contexts).unflatten(0, (len(batch.layout), -1))
-        region_outs = [cross_attention(q[:, tokens], keys[r], values[r], heads, extra_options)
+        region_outs = [region_attention(q[:, tokens], k[:, split:], v[:, split:], batch, r, extra_options)
                        for r, tokens, _ in grid.parts]
         return grid.mix(out, region_outs)
 
-    @staticmethod
-    def layer_contexts(contexts, layer, q):
-        """[R * B, T, D] region encodings of cross-attention layer `layer`, region-major."""
-        if contexts.shape[0] != q.shape[0]:
-            raise RegionError(f"regions: {contexts.shape[0]} rows of region encodings for a batch of "
-                              f"{q.shape[0]}; connect the conditioning from 'Apply Regions' unchanged")
-        if layer >= contexts.shape[2]:
-            raise RegionError(f"regions: cross-attention layer {layer} has no region encoding "
-                              f"({contexts.shape[2]} layers); regions need an SD1.5 model")
-        layer_contexts = contexts[:, :, layer].transpose(0, 1)
-        return layer_contexts.reshape(-1, *layer_contexts.shape[2:]).to(device=q.device, dtype=q.dtype)
+    def global_attention(self, q, k, v, extra_options):
+        if self.previous is not None:
+            return self.previous(q, k, v, extra_options)
+        return cross_attention(q, k, v, extra_options["n_heads"], extra_options)
+
+
+def region_attention(q, keys, values, batch, region, extra_options):
+    """Attention of q [B, n, C] to region `region`'s own tokens of keys/values [B, span, C], one
+    kernel call per run of rows with the same token count."""
+    offset = batch.offsets[region]
+    outs = [cross_attention(q[first:end], keys[first:end, offset:offset + tokens].contiguous(),
+                            values[first:end, offset:offset + tokens].contiguous(), extra_options["n_heads"],
+                            extra_options)
+            for first, end, tokens in batch.runs[region]]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def install_regional_attention(model):
-    """Sets RegionalAttention as the attn2 replace patch of every SD1.5 cross-attention block of
-    a cloned MODEL, keeping any other replace patch as the global output (idempotent)."""
-    replaced = model.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    """Adds append_region_contexts as an attn2 patch (after the layer-wise one, which sets the
+    context) and RegionalAttention as the attn2 replace patch of every SD1.5 cross-attention
+    block of a cloned MODEL, keeping any other replace patch as the global output (idempotent)."""
+    transformer_options = model.model_options["transformer_options"]
+    if append_region_contexts not in transformer_options.get("patches", {}).get("attn2_patch", []):
+        model.set_model_attn2_patch(append_region_contexts)
+    replaced = transformer_options.get("patches_replace", {}).get("attn2", {})
     for block_name, number in ATTN2_BLOCKS:
         previous = replaced.get((block_name, number, 0), replaced.get((block_name, number)))
-        if isinstance(previous, RegionalAttention):
-            continue
-        attn2 = comfy.utils.get_attr(model.model, attn2_path(block_name, number))
-        model.set_model_attn2_replace(RegionalAttention(attn2, previous), block_name, number, 0)
+        if not isinstance(previous, RegionalAttention):
+            model.set_model_attn2_replace(RegionalAttention(previous), block_name, number, 0)
     return model

@@ -1,17 +1,13 @@
 """Apply Regions and Regional Sampler: Mix-of-Show regionally controllable sampling."""
-import math
-
 import comfy.samplers
 import comfy.utils
 import nodes as comfy_nodes
-import torch
 
-from ..mixofshow_core.regions import RegionError
+from ..mixofshow_core.regions import RegionError, check_region_count, check_region_tokens
 from .layerwise import CONTEXT_KEY, install_routing, is_uniform, select_layer_context
 from .model_keys import require_sd15
 from .region_prompt import REGIONS_TYPE
-from .regional_attention import (REGIONS_KEY, RegionContexts, RegionLayout, attn2_path,
-                                 install_regional_attention, repeat_tokens)
+from .regional_attention import REGIONS_KEY, RegionContexts, RegionLayout, attn2_path, install_regional_attention
 
 
 def is_routed(model):
@@ -37,8 +33,9 @@ def check_concepts_routable(model, regions, positive, negative):
                                   f"from the 'EDLoRA Loader' whose CLIP encoded it")
 
 
-def stack_regions(stacks, width, label):
-    """[1, R, 16, T, D] from per-region [1, 16, T_r, D] encodings (tokens repeated to a common T)."""
+def region_encodings(stacks, width, label):
+    """The per-region [1, 16, T_r, D] encodings, checked, each kept at its own token count; one
+    whose layers are all equal (a prompt without concept words) is kept as [1, 1, T_r, D]."""
     for number, stack in enumerate(stacks, start=1):
         if stack.dim() != 4 or stack.shape[0] != 1 or stack.shape[-1] != width:
             raise RegionError(f"region {number}: {label} encoding has shape {list(stack.shape)}, expected "
@@ -46,8 +43,8 @@ def stack_regions(stacks, width, label):
         if stack.shape[1] != stacks[0].shape[1]:
             raise RegionError(f"region {number}: {label} encoding has {stack.shape[1]} layers, region 1 has "
                               f"{stacks[0].shape[1]}")
-    tokens = math.lcm(*(s.shape[2] for s in stacks))
-    return torch.stack([repeat_tokens(s, tokens, 2) for s in stacks], dim=1)
+    check_region_tokens([stack.shape[2] for stack in stacks], label)
+    return [stack[:, :1] if is_uniform(stack) else stack for stack in stacks]
 
 
 def attach_regions(conditioning, contexts, layout, label):
@@ -77,11 +74,12 @@ def apply_regions(model, positive, negative, regions):
     if not regions:
         return model, positive, negative
     require_sd15(model=model, what="Regional sampling")
+    check_region_count(len(regions))
     check_concepts_routable(model, regions, positive, negative)
     width = context_width(model)
     layout = region_layout(regions)
-    region_positive = stack_regions([r.positive for r in regions], width, "prompt")
-    region_negative = stack_regions([r.negative for r in regions], width, "negative prompt")
+    region_positive = region_encodings([r.positive for r in regions], width, "prompt")
+    region_negative = region_encodings([r.negative for r in regions], width, "negative prompt")
     patched = install_regional_attention(install_routing(model.clone()))
     return (patched, attach_regions(positive, region_positive, layout, "positive"),
             attach_regions(negative, region_negative, layout, "negative"))

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from comfyui_mixofshow.mixofshow_core.regions import (
-    Box, RegionError, RegionSpec, adapter_weight_map, box_cells, box_is_empty_on_grid,
-    combine_region_outputs, mask_to_grid, parse_box, parse_prompt_rewrite,
-    parse_region_adapter_weights, region_weights, token_grid,
+    MAX_REGION_CHUNKS, MAX_REGIONS, Box, RegionError, RegionSpec, adapter_weight_map, box_cells,
+    box_is_empty_on_grid, check_region_tokens, combine_region_outputs, mask_to_grid, parse_box,
+    parse_prompt_rewrite, parse_region_adapter_weights, region_weights, token_grid,
 )
 
 
@@ -98,6 +98,20 @@ def test_prompt_rewrite_malformed_entries(text, expected):
 def test_prompt_rewrite_needs_image_size():
     with pytest.raises(RegionError, match="prompt_rewrite: image size 1024x0 must be positive"):
         parse_prompt_rewrite("a-*-b-*-[]", 1024, 0)
+
+
+def test_prompt_rewrite_holds_at_most_the_region_cap():
+    entry = "[a dragon]-*-[]-*-[]"
+    assert len(parse_prompt_rewrite("|".join([entry] * MAX_REGIONS), 1024, 512)) == MAX_REGIONS
+    with pytest.raises(RegionError, match=f"prompt_rewrite: {MAX_REGIONS + 1} regions, more than the {MAX_REGIONS}"):
+        parse_prompt_rewrite("|".join([entry] * (MAX_REGIONS + 1)), 1024, 512)
+
+
+def test_region_token_cap_counts_started_chunks():
+    check_region_tokens([77 * (MAX_REGION_CHUNKS - 1), 77], "prompt")
+    with pytest.raises(RegionError, match=f"regions: the region negative prompts hold {MAX_REGION_CHUNKS + 1} "
+                                          f"chunks of 77 tokens in all, more than {MAX_REGION_CHUNKS}"):
+        check_region_tokens([77 * (MAX_REGION_CHUNKS - 1), 78], "negative prompt")
 
 
 def test_region_adapter_weights_original_format():

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from comfyui_mixofshow.harness.edlora_fixtures import model_lora_shapes, random_edlora
+from comfyui_mixofshow.mixofshow_core.prompt_binding import MAX_PROMPT_CHUNKS, check_prompt_chunks
+from comfyui_mixofshow.nodes import edlora_text_encode
 from comfyui_mixofshow.nodes.edlora_loader import apply_edlora
 from comfyui_mixofshow.nodes.edlora_text_encode import encode_layerwise
 from comfyui_mixofshow.nodes.layerwise import CONTEXT_KEY, UnroutedConditioningError
@@ -124,6 +126,35 @@ def test_long_prompt_keeps_every_chunk_per_layer(patched):
     cond = encode_layerwise(patched_clip, long_prompt)
     stack = cond[0][1]["model_conds"][CONTEXT_KEY].cond
     assert stack.shape[2] == cond[0][0].shape[1] and stack.shape[2] % 77 == 0 and stack.shape[2] > 77
+
+
+def test_long_prompt_encoded_in_batches_equals_one_batch(patched, monkeypatch):
+    _, patched_clip = patched
+    prompt = "<a1> <a2> " + ", ".join(["a very detailed scene"] * 25)
+    copies = edlora_text_encode.bound_copies(patched_clip, prompt, range(16))[0]
+    chunks = [chunk for copy in copies for chunk in copy]
+    assert len(chunks) == 32
+    one_batch, one_pooled = patched_clip.encode_from_tokens({"l": chunks}, return_pooled=True)
+
+    calls = []
+    encode = patched_clip.encode_from_tokens
+    monkeypatch.setattr(patched_clip, "encode_from_tokens", lambda tokens, **kw: calls.append(1) or encode(tokens, **kw))
+    monkeypatch.setattr(edlora_text_encode, "ENCODE_BATCH", 12)
+    cond, options = encode_layerwise(patched_clip, prompt)[0]
+    assert len(calls) == 3  # 32 chunks, 12 at a time
+    stack = options["model_conds"][CONTEXT_KEY].cond
+    assert torch.equal(stack, one_batch.reshape(1, 16, 154, -1))
+    assert torch.equal(cond, stack[:, 0]) and torch.equal(options["pooled_output"], one_pooled)
+
+
+def test_prompts_longer_than_the_chunk_cap_are_refused(patched):
+    _, patched_clip = patched
+    too_long = " ".join(["castle"] * (75 * MAX_PROMPT_CHUNKS + 1))
+    message = f"text: {MAX_PROMPT_CHUNKS + 1} chunks of 75 tokens, more than the {MAX_PROMPT_CHUNKS} a prompt may hold"
+    for text in (too_long, "<a1> <a2> " + too_long):
+        with pytest.raises(ValueError, match=message):
+            encode_layerwise(patched_clip, text)
+    check_prompt_chunks([[]] * MAX_PROMPT_CHUNKS)
 
 
 def test_layerwise_conditioning_on_an_unpatched_model_fails_clearly(model, patched):

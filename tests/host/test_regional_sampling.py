@@ -1,4 +1,5 @@
 """Regional sampling (issue 4) against plain sampling and a plain-torch reference of the region rewrite."""
+import copy
 import dataclasses
 
 import comfy.controlnet
@@ -8,7 +9,7 @@ import torch
 
 from comfyui_mixofshow.harness.edlora_fixtures import model_lora_shapes, random_edlora
 from comfyui_mixofshow.harness.models import write_t2i_adapter
-from comfyui_mixofshow.mixofshow_core.regions import Box, RegionError
+from comfyui_mixofshow.mixofshow_core.regions import MAX_REGION_CHUNKS, MAX_REGIONS, Box, RegionError
 from comfyui_mixofshow.nodes.edlora_loader import apply_edlora
 from comfyui_mixofshow.nodes.layerwise import UnroutedConditioningError
 from comfyui_mixofshow.nodes.region_prompt import RegionPrompt, RegionPromptImport
@@ -38,8 +39,8 @@ def ksample(model, positive, negative, latent, sampler="euler", steps=1, cfg=1.0
 
 
 class LayerRecorder:
-    """Records cross-attention layer `index`: query inputs, every to_k input (the global context
-    first, then the region contexts) and the attention output before to_out."""
+    """Records cross-attention layer `index`: query inputs, to_k inputs (with regions: the global
+    context followed by the region contexts) and the attention output before to_out."""
 
     def __init__(self, model, index):
         self.attn2 = reference.cross_attention_modules(model.model.diffusion_model)[index]
@@ -150,9 +151,10 @@ def test_region_rewrite_matches_plain_torch_reference_on_odd_latent(model, clip,
     regional = apply_regions(model, positive, negative, regions)
     with LayerRecorder(model, index) as recorder:
         ksample(*regional, torch.zeros(2, 4, 9, 13))
-    x, global_context = recorder.queries[0], recorder.contexts[0]
+    x, global_context = recorder.queries[0], recorder.contexts[0][:, :77]
     assert x.shape[:2] == (2, grid[0] * grid[1])
     region_contexts = [r.positive[:, index].expand(2, -1, -1) for r in regions]
+    assert torch.equal(recorder.contexts[0][:, 77:], torch.cat(region_contexts, dim=1))
     cells = [box_cells(box, *grid) for box in boxes]
     expected = reference_rewrite(recorder.attn2, x, global_context, region_contexts, cells)
     assert torch.allclose(recorder.outputs[0].double(), expected, atol=1e-5, rtol=1e-5)
@@ -165,7 +167,7 @@ def test_soft_mask_weights_region_against_global(model, clip, prompts):
     regional = apply_regions(model, positive, negative, regions)
     with LayerRecorder(model, 6) as recorder:
         ksample(*regional, torch.zeros(1, 4, 9, 13))
-    x, global_context = recorder.queries[0], recorder.contexts[0]
+    x, global_context = recorder.queries[0], recorder.contexts[0][:, :77]
     expected = (0.75 * reference_attention(recorder.attn2, x, global_context)
                 + 0.25 * reference_attention(recorder.attn2, x, regions[0].positive[:, 6]))
     assert torch.allclose(recorder.outputs[0].double(), expected, atol=1e-5, rtol=1e-5)
@@ -181,6 +183,54 @@ def test_uncond_rows_use_the_region_negative_prompts(model, clip, prompts):
     assert torch.allclose(full, uncond + 3.0 * (cond - uncond), atol=1e-5)
     plain_negative = denoise_once(*apply_regions(model, positive, negative, add_region(clip, "a dragon", box)), 3.0)[1]
     assert (full - plain_negative).abs().max() > 1e-4
+
+
+def long_prompt(tokens):
+    """A prompt of `tokens` one-token words."""
+    return " ".join(["castle", "dragon"] * (tokens // 2))
+
+
+def test_regions_of_very_different_lengths_attend_to_their_own_unpadded_tokens(model, clip, prompts):
+    positive, negative = prompts
+    boxes = [(0, 0, 64, 72), (40, 16, 104, 72)]
+    regions = add_region(clip, "a red dragon", ", ".join(map(str, boxes[0])), negative=long_prompt(160),
+                         units="pixels", width=IMAGE_W, height=IMAGE_H)
+    regions = add_region(clip, long_prompt(320), ", ".join(map(str, boxes[1])), regions=regions, units="pixels",
+                         width=IMAGE_W, height=IMAGE_H)
+    assert [(r.positive.shape[2], r.negative.shape[2]) for r in regions] == [(77, 231), (385, 77)]
+    regional = apply_regions(model, positive, negative, regions)
+    with LayerRecorder(model, 0) as recorder:
+        ksample(*regional, torch.zeros(1, 4, 9, 13), cfg=5.0)
+    x, contexts, out = recorder.queries[0], recorder.contexts[0], recorder.outputs[0]
+    assert x.shape[0] == 2, "cond and uncond rows must share the call for this test to mean anything"
+    cells = [box_cells(box, 9, 13) for box in boxes]
+    for row in range(2):
+        is_cond = torch.equal(contexts[row, :77], positive[0][0][0])
+        assert is_cond or torch.equal(contexts[row, :77], negative[0][0][0])
+        own = [(r.positive if is_cond else r.negative)[:, 0] for r in regions]
+        expected = reference_rewrite(recorder.attn2, x[row:row + 1], contexts[row:row + 1, :77], own, cells)
+        assert torch.allclose(out[row:row + 1].double(), expected, atol=1e-5, rtol=1e-5), row
+
+
+def test_a_deep_copied_model_projects_regions_with_its_own_weights(model, clip, prompts):
+    positive, negative = prompts
+    regions = add_region(clip, "a dragon", "0, 0, 0.5, 1", negative="ugly")
+    patched, region_positive, region_negative = apply_regions(model, positive, negative, regions)
+    copied = patched.clone()
+    copied.model = copy.deepcopy(patched.model)
+    original = denoise_once(patched, region_positive, region_negative, 5.0)[1]
+    assert torch.equal(denoise_once(copied, region_positive, region_negative, 5.0)[1], original)
+
+    attn2 = reference.cross_attention_modules(copied.model.diffusion_model)[0]
+    with torch.no_grad():
+        attn2.to_k.weight.mul_(3.0)
+        attn2.to_v.weight.mul_(-2.0)
+    with LayerRecorder(copied, 0) as recorder:
+        denoise_once(copied, region_positive, region_negative, 1.0)
+    x, global_context = recorder.queries[0], recorder.contexts[0][:, :77]
+    expected = reference_rewrite(attn2, x, global_context, [regions[0].positive[:, 0]], [box_cells((0, 0, 52, 72), 8, 8)])
+    assert torch.allclose(recorder.outputs[0].double(), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(denoise_once(copied, region_positive, region_negative, 5.0)[1], original)
 
 
 # ---------------------------------------------------------------- samplers, batches, sizes
@@ -221,7 +271,7 @@ def test_region_concept_words_reach_each_layer_with_their_own_encoding(concept_p
     for index in (0, 15):
         with LayerRecorder(patched_model, index) as recorder:
             denoise_once(*regional, 1.0)
-        assert torch.equal(recorder.contexts[1], regions[0].positive[:, index])
+        assert torch.equal(recorder.contexts[0][:, 77:], regions[0].positive[:, index])
     assert not torch.allclose(regions[0].positive[:, 0], regions[0].positive[:, 15], atol=1e-3)
 
 
@@ -332,6 +382,20 @@ def test_region_encodings_of_the_wrong_shape_fail_clearly(model, clip, prompts):
     narrow = dataclasses.replace(region, positive=region.positive[..., :512])
     with pytest.raises(RegionError, match=r"region 1: prompt encoding has shape \[1, 16, 77, 512\], expected"):
         apply_regions(model, positive, negative, (narrow,))
+
+
+def test_region_caps_name_the_input(model, clip, prompts):
+    positive, negative = prompts
+    region = add_region(clip, "a dragon", "0, 0, 0.5, 1")[0]
+    with pytest.raises(RegionError, match=f"regions: {MAX_REGIONS + 1} regions, more than the {MAX_REGIONS}"):
+        apply_regions(model, positive, negative, (region,) * (MAX_REGIONS + 1))
+    chunks = MAX_REGION_CHUNKS // 2 + 1
+    long = dataclasses.replace(region, positive=region.positive[:, :1].repeat(1, 1, chunks, 1).expand(-1, 16, -1, -1))
+    with pytest.raises(RegionError, match=f"regions: the region prompts hold {2 * chunks} chunks of 77 tokens in "
+                                          f"all, more than {MAX_REGION_CHUNKS}"):
+        apply_regions(model, positive, negative, (long, long))
+    with pytest.raises(RegionError, match=r"negative_prompt: 65 chunks of 75 tokens, more than the 64"):
+        add_region(clip, "a dragon", negative=long_prompt(75 * 65))
 
 
 def test_region_conditioning_on_an_unpatched_model_fails_clearly(model, clip, prompts):
