@@ -10,9 +10,10 @@ seeded ED-LoRA so prompts carry 16 distinct layer encodings), all rows in one pr
   tokens) and against the number of regions (1, 8, 32 one-chunk prompts, tiling the image); encodings are made
   beforehand, so a row measures what sampling adds;
 - one EDLoRA Text Encode of a concept prompt of 1, 4, 16 chunks.
-On a CPU the peak is the process's resident set above its value at the start of the row, sampled
-every millisecond, with glibc's mmap threshold fixed (the script re-executes itself with it) so
-freed tensors leave the resident set; on CUDA it is torch's peak allocation.
+On a CPU the peak is the kernel's high-water mark of the process's resident set (Linux VmHWM,
+reset at the start of each row) above the resident set at that start, with glibc's mmap
+threshold fixed (the script re-executes itself with it) so freed tensors leave the resident set;
+on CUDA it is torch's peak allocation.
 
 Timing (the default):
 
@@ -34,10 +35,7 @@ import logging
 import os
 import statistics
 import sys
-import threading
 import time
-
-import psutil
 
 import torch
 
@@ -145,39 +143,37 @@ OTHER_REGION_CHUNKS = 3
 FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-class PeakMemory:
-    """Peak memory above the value on entry: torch's peak allocation on CUDA, else the resident
-    set sampled every millisecond in a thread."""
+def status_bytes(field):
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
 
-    def __init__(self):
-        self.cuda = torch.cuda.is_available()
-        self.process = psutil.Process()
+
+class PeakMemory:
+    """Peak memory above the value on entry: torch's peak allocation on CUDA; on a CPU the
+    kernel's resident-set high-water mark (VmHWM), reset on entry through /proc/self/clear_refs."""
 
     def __enter__(self):
         gc.collect()
-        if self.cuda:
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
-            return self
-        self.stop = threading.Event()
-        self.start = self.peak = self.process.memory_info().rss
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
+        else:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")
+            self.start = status_bytes("VmRSS")
         return self
 
-    def _sample(self):
-        while not self.stop.wait(0.001):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
     def __exit__(self, *exc):
-        if self.cuda:
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated()
-            return
-        self.stop.set()
-        self.thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
+        else:
+            self.peak = status_bytes("VmHWM")
 
     @property
     def growth_mib(self):
