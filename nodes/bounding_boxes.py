@@ -8,7 +8,7 @@ Both become normalized Boxes; every malformed value is a RegionError naming the 
 """
 import math
 
-from ..mixofshow_core.regions import Box, RegionError
+from ..mixofshow_core.regions import Box, RegionError, check_region_count
 
 BOX_KEYS = ("x", "y", "width", "height")
 ELEMENT_GRID = 1000
@@ -34,6 +34,7 @@ def _frame_boxes(value, label):
         value = value[0]
     if not value:
         raise RegionError(f"{label}: holds no box; draw at least one")
+    check_region_count(len(value), label)
     return list(value)
 
 
@@ -87,4 +88,5 @@ def element_boxes(elements, label="elements"):
         raise RegionError(f"{label}: expected Create Bounding Boxes' elements (a list), got {type(elements).__name__}")
     if not elements:
         raise RegionError(f"{label}: holds no element; draw boxes in Create Bounding Boxes")
+    check_region_count(len(elements), label)
     return [_element(element, f"{label} item {number}") for number, element in enumerate(elements, start=1)]

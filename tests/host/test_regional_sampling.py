@@ -12,7 +12,7 @@ from comfyui_mixofshow.harness.models import write_t2i_adapter
 from comfyui_mixofshow.mixofshow_core.regions import MAX_REGION_CHUNKS, MAX_REGIONS, Box, RegionError
 from comfyui_mixofshow.nodes.edlora_loader import apply_edlora
 from comfyui_mixofshow.nodes.layerwise import UnroutedConditioningError
-from comfyui_mixofshow.nodes.region_prompt import RegionPrompt, RegionPromptImport
+from comfyui_mixofshow.nodes.region_prompt import RegionPrompt, RegionPromptImport, RegionsFromBoundingBoxes
 from comfyui_mixofshow.nodes.regional_attention import RegionalAttention
 from comfyui_mixofshow.nodes.regional_sampler import RegionalSampler, apply_regions
 
@@ -396,6 +396,13 @@ def test_region_caps_name_the_input(model, clip, prompts):
         apply_regions(model, positive, negative, (long, long))
     with pytest.raises(RegionError, match=r"negative_prompt: 65 chunks of 75 tokens, more than the 64"):
         add_region(clip, "a dragon", negative=long_prompt(75 * 65))
+    too_many = MAX_REGIONS + 1
+    boxes = [{"x": 0, "y": 0, "width": 8, "height": 8}] * too_many
+    with pytest.raises(RegionError, match=f"bounding_box: {too_many} regions, more than the {MAX_REGIONS}"):
+        RegionPrompt().add_region(clip, "a dragon", "", "", "pixels", 64, 64, 1.0, bounding_box=boxes)
+    elements = [{"type": "obj", "bbox": [0, 0, 500, 500], "desc": "a dragon"}] * too_many
+    with pytest.raises(RegionError, match=f"elements: {too_many} regions, more than the {MAX_REGIONS}"):
+        RegionsFromBoundingBoxes().add_regions(clip, elements, "", 1.0)
 
 
 def test_region_conditioning_on_an_unpatched_model_fails_clearly(model, clip, prompts):
