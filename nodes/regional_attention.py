@@ -172,6 +172,8 @@ class RegionBatch:
         self.rows = sum(entry[0].shape[0] for entry in self.entries)
         self.runs = [row_runs([(entry[r].shape[0], entry[r].shape[2]) for entry in self.entries])
                      for r in range(len(self.slots))]
+        # set by append_region_contexts, cleared by RegionalAttention in the same block
+        self.unclaimed = False
 
     @property
     def dtype(self):
@@ -239,8 +241,12 @@ def append_region_contexts(n, context, value, extra_options):
     if batch.rows != context.shape[0]:
         raise RegionError(f"regions: {batch.rows} rows of region encodings for a batch of {context.shape[0]}; "
                           f"connect the conditioning from 'Apply Regions' unchanged")
+    if batch.unclaimed:
+        raise RegionError("regions: a cross-attention block ran without the regional attention of 'Apply Regions' "
+                          "(a node applied after it replaced the attention); apply that node before 'Apply Regions'")
     regions = batch.layer_tokens(extra_options["transformer_index"]).to(context)
     extra_options[CONTEXT_TOKENS_KEY] = context.shape[1] + regions.shape[1]
+    batch.unclaimed = True
     return n, torch.cat([context, regions], dim=1), torch.cat([value, regions.to(value)], dim=1)
 
 
@@ -267,6 +273,7 @@ class RegionalAttention:
         if extra_options.get(CONTEXT_TOKENS_KEY) != k.shape[1]:
             raise RegionError("regions: another cross-attention patch changed the context after 'Apply Regions' "
                               "added the region prompts; apply that patch to the model before 'Apply Regions'")
+        batch.unclaimed = False
         split = k.shape[1] - batch.span
         out = self.global_attention(q, k[:, :split].contiguous(), v[:, :split].contiguous(), extra_options)
         h, w = layer_grid(extra_options, q.shape[1])

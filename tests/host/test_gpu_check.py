@@ -107,13 +107,13 @@ def test_train_check_fails_when_the_interrupt_does_not_stop_training(setup, monk
         gpu_check.check_train(loaded, settings, scratch)
 
 
-class MiddleBlockUnpatched(ApplyRegions):
-    """Apply Regions whose middle block (cross-attention layer 6) keeps plain attention."""
+class LastBlockUnpatched(ApplyRegions):
+    """Apply Regions whose last block (cross-attention layer 15, after which no block checks it) keeps plain attention."""
 
     def apply(self, *args):
         model, positive, negative = super().apply(*args)
         replace = model.model_options["transformer_options"]["patches_replace"]["attn2"]
-        for key in [k for k in replace if k[:2] == ("middle", 0)]:
+        for key in [k for k in replace if k[:2] == ("output", 11)]:
             del replace[key]
         return model, positive, negative
 
@@ -121,7 +121,7 @@ class MiddleBlockUnpatched(ApplyRegions):
 def test_regional_check_fails_when_a_layer_has_no_region_patch(setup, monkeypatch):
     _, loaded, edloras = setup
     pair = EDLoRALoader().load(loaded.model, loaded.clip, edloras["a"][0], 0.7, 0.7)
-    monkeypatch.setattr(gpu_check, "ApplyRegions", MiddleBlockUnpatched)
+    monkeypatch.setattr(gpu_check, "ApplyRegions", LastBlockUnpatched)
     with pytest.raises(gpu_check.CheckFailed,
-                       match="cross-attention layer 6: the region patch changed the output in 0 of 2 steps"):
+                       match="cross-attention layer 15: the region patch changed the output in 0 of 2 steps"):
         gpu_check.check_regional(loaded, pair, TINY)

@@ -411,6 +411,15 @@ def test_region_conditioning_on_an_unpatched_model_fails_clearly(model, clip, pr
         denoise_once(model, positive, negative, 5.0)
 
 
+def test_a_replaced_regional_attention_fails_clearly(model, clip, prompts):
+    patched, positive, negative = apply_regions(model, *prompts, add_region(clip, "a dragon", "0, 0, 0.5, 1"))
+    replaced = patched.clone()
+    replaced.set_model_attn2_replace(lambda q, k, v, extra: q, "input", 4, 0)
+    with pytest.raises(RegionError, match="a cross-attention block ran without the regional attention of 'Apply "
+                                          "Regions'"):
+        denoise_once(replaced, positive, negative, 5.0)
+
+
 def test_patches_are_shared_not_copied_by_clone(model, clip, prompts):
     patched = apply_regions(model, *prompts, add_region(clip, "a dragon"))[0]
     before = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
