@@ -197,7 +197,8 @@ def host_training(model, clip, vae, samples, config, tables, rank, gradient_chec
     device = comfy.model_management.get_torch_device()
     dtype = torch.float32 if config.mixed_precision == "no" else None
     unet, text = unet_copy(model, device, dtype), text_encoder_copy(clip, device, dtype)
-    comfy.model_management.unload_all_models()  # the copies are what trains; previews reload the originals
+    with torch.inference_mode():  # the host's models stay inference tensors wherever offloading moves them
+        comfy.model_management.unload_all_models()  # the copies are what trains; previews reload the originals
     unet_targets, text_targets = unet_lora_targets(unet, model), text_lora_targets(text)
     unet_adapters = make_adapters(unet_targets, rank, seed=derived_seed(config.seed, "lora", "unet"))
     text_adapters = make_adapters(text_targets, rank, seed=derived_seed(config.seed, "lora", "text"))
