@@ -3,6 +3,7 @@ import copy
 import dataclasses
 
 import comfy.controlnet
+import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
 import nodes as comfy_nodes
 import pytest
 import torch
@@ -311,22 +312,25 @@ def test_region_adapter_weight_scales_control_like_strength(model, clip, control
     assert torch.allclose(denoise_once(*regional, 5.0)[1], half_strength, atol=1e-5)
 
 
-def test_region_adapter_weight_applies_inside_its_box_only(model, clip, controlled):
+def test_region_adapter_weight_applies_inside_its_box_only(monkeypatch, model, clip, controlled):
+    """The adapter residuals as the UNet adds them (after every wrapper, whichever slot routes)."""
     positive, negative, adapter, pose = controlled
     seen = []
+    add_to_unet = openaimodel.apply_control
 
-    def record(apply_model, args):
-        seen.append([r.clone() for r in args["c"]["control"]["input"] if r is not None])
-        return apply_model(args["input"], args["timestep"], **args["c"])
+    def record(h, control, name):
+        if name == "input" and control is not None and control.get(name) and control[name][-1] is not None:
+            seen.append(control[name][-1].clone())
+        return add_to_unet(h, control, name)
 
-    recorded = model.clone()
-    recorded.set_model_unet_function_wrapper(record)
+    monkeypatch.setattr(openaimodel, "apply_control", record)
     conditioning = apply_control(positive, negative, adapter, pose, 1.0)
-    denoise_once(recorded, *conditioning, 5.0)
-    denoise_once(*apply_regions(recorded, *conditioning, add_region(clip, "a dragon", "0, 0, 0.5, 1", adapter_weight=0)), 5.0)
-    plain, scaled = seen
-    assert len(plain) == 4 and {r.shape[-1] for r in plain} == {8, 4, 2, 1}
-    for before, after in zip(plain, scaled):
+    denoise_once(model, *conditioning, 5.0)
+    plain = seen[:]
+    seen.clear()
+    denoise_once(*apply_regions(model, *conditioning, add_region(clip, "a dragon", "0, 0, 0.5, 1", adapter_weight=0)), 5.0)
+    assert len(plain) == len(seen) == 4 and {r.shape[-1] for r in plain} == {8, 4, 2, 1}
+    for before, after in zip(plain, seen):
         half = before.shape[-1] // 2  # columns floor(0.5 · w) lie wholly inside the box
         assert torch.equal(after[..., half:], before[..., half:])
         assert not after[..., :half].any()
