@@ -46,6 +46,25 @@ The bracket [Λ_min √t, Λ_max √t / (1 − √t)], t = target excess / (c �
 root (each term's share λ²/(Λ_k + λ)² is ≥ t at the top and ≤ t at the bottom). The bisection
 returns the end of its final interval with f(λ) ≤ target, so the objective never exceeds the
 request. τ = 0 gives D⁺ (λ = 0); τ ≥ 1 gives D = 0.
+
+Matching the original (the default rule). The original runs L-BFGS (history 25, strong Wolfe, lr 1,
+tolerances 1e-16, k iterations, at most 1.25·k evaluations, lowest loss kept) from W0 on
+F.mse_loss = f/N, N = rows·d_out. It only forms gradients 2(D G − R)/N, inner products and linear
+combinations of them, so every iterate is D = R̃ diag(p(Λ)) Qᵀ for one polynomial p and every inner
+product it takes is Σ_k s_k·a(Λ_k)·b(Λ_k). The same L-BFGS on the rank-sized problem
+
+    min_x Σ_k Λ_k x_k² − 2 √s_k x_k + s_k / Λ_k            (= f − f* at x_k = √s_k p(Λ_k))
+
+therefore takes the same steps and reaches the same objective, at O(rank) per iteration instead
+of O(rows·d_in·d_out) (spectral_lbfgs, which also carries over the one coordinate-dependent
+quantity, the first trial step min(1, 1/‖g‖₁) with ‖g‖₁ = 2‖R‖₁/N at W0).
+
+    solve_like_lbfgs(k):         f(λ) = f* + (f − f*) reached by k original L-BFGS iterations
+
+is then the frontier point at the original's objective: the same objective with the least change.
+L-BFGS amplifies rounding differences over its iterations (its line-search branches flip), so
+the replay runs on the measure pooled into eigenvalue bins of ~0.23 % (binned_measure): sums that
+differ by rounding get the same prediction, and the prediction moves by what such a run varies.
 """
 import math
 from dataclasses import dataclass
@@ -53,7 +72,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .spectral_lbfgs import lbfgs_excess
+
 DEFAULT_RCOND = 1e-12
+BINS_PER_DECADE = 1000   # eigenvalue bins of ~0.23 % width for the L-BFGS replay
 _BISECTION_STEPS = 200
 _BISECTION_RELATIVE_WIDTH = 1e-12
 
@@ -327,6 +349,38 @@ def solve_to_objective(stats, max_objective, rcond=DEFAULT_RCOND, dtype=torch.fl
     optimum = max(stats.energy - spectrum.reducible, 0.0)
     lam = _lambda_for_excess(spectrum, max_objective - optimum)
     return _solution(stats, spectrum, lam, dtype)
+
+
+def binned_measure(spectrum, bins_per_decade=BINS_PER_DECADE):
+    """The spectral measure (Λ_k, s_k) with eigenvalues pooled into log-spaced bins (Λ at the bin's
+    centre, s summed, both rounded to float32): the replay's input is then the same for statistics
+    that differ only by rounding (incremental vs from-scratch sums), where the exact eigenpairs are
+    not, and L-BFGS amplifies such differences from iteration to iteration."""
+    eigvals, weights = spectrum.eigvals.double(), spectrum.weights.double()
+    index = torch.floor(torch.log10(eigvals) * bins_per_decade)
+    bins, inverse = torch.unique(index, return_inverse=True)
+    pooled = torch.zeros(bins.numel(), dtype=torch.float64).index_add_(0, inverse, weights)
+    centres = 10.0 ** ((bins + 0.5) / bins_per_decade)
+    return centres.float().double().cpu().numpy(), pooled.float().double().cpu().numpy()
+
+
+def solve_like_lbfgs(stats, iterations, rcond=DEFAULT_RCOND, dtype=torch.float32, eigh=torch.linalg.eigh):
+    """Least-change D reaching the objective the original's L-BFGS reaches in `iterations` steps
+    from W0: never a worse fit, and less change by the Pareto property. Returns (D, info);
+    info['lbfgs_objective'] is the predicted objective of the original."""
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    spectrum = _spectrum(stats, rcond, eigh)
+    excess = 0.0
+    if spectrum.eigvals.numel():
+        mean_over = max(stats.rows, 1) * stats.d_out
+        first_gradient_l1 = float(torch.tensor(2.0 * float(stats.rhs.abs().sum()) / mean_over, dtype=torch.float32))
+        eigvals, weights = binned_measure(spectrum)
+        share = lbfgs_excess(eigvals, weights, mean_over, first_gradient_l1, iterations) / float((weights / eigvals).sum())
+        excess = share * spectrum.reducible
+    change, info = _solution(stats, spectrum, _lambda_for_excess(spectrum, excess), dtype)
+    info["lbfgs_objective"] = info["optimum"] + excess
+    return change, info
 
 
 def lbfgs_reference(xs, targets, w0, iters, history_size=25):

@@ -7,7 +7,8 @@ alphas, source file), the solver tolerance and the format version.
 
     mixofshow.format = "fusion_stats", mixofshow.format_version = "1",
     mixofshow.concepts = JSON list of {"name", "words", "unet_alpha", "text_encoder_alpha"},
-    mixofshow.tolerance = the solve tolerance used, mixofshow.kv_positions = the k/v rows used,
+    mixofshow.tolerance = the solve tolerance used, or "match_lbfgs" for the rule that matches the
+    original's L-BFGS objective (tolerance None), mixofshow.kv_positions = the k/v rows used,
     mixofshow.checkpoint_sha256 = SHA-256 of the fused checkpoint the file belongs to (when saved beside one)
     tensors: "<layer>|gram", "<layer>|rhs", "<layer>|energy", "<layer>|rows", and each concept's
     cross-attention k/v LoRA "kv|<concept index>|<path>|up" / "|down" (α folded into up): the k/v
@@ -25,6 +26,7 @@ FORMAT_VERSION = "1"
 STAT_PARTS = ("gram", "rhs", "energy", "rows")
 KV_PREFIX = "kv|"
 CHECKPOINT_HASH_KEY = "mixofshow.checkpoint_sha256"
+MATCH_LBFGS = "match_lbfgs"
 
 
 class FusionStatsError(ValueError):
@@ -35,7 +37,7 @@ class FusionStatsError(ValueError):
 class FusionStats:
     layers: dict = field(default_factory=dict)      # layer name -> LayerStats (summed over concepts)
     concepts: list = field(default_factory=list)    # [{"name", "words", "unet_alpha", "text_encoder_alpha"}]
-    tolerance: float = 1e-3
+    tolerance: float = 1e-3    # None: the λ rule matching the original's L-BFGS objective
     kv_positions: str = "all"
     kv_loras: dict = field(default_factory=dict)    # concept index -> {path: (up, down)}, ΔW = up @ down
 
@@ -53,7 +55,7 @@ def save_fusion_stats(stats, path, checkpoint_sha256=None):
             tensors[f"{KV_PREFIX}{index}|{layer_path}|up"] = up.contiguous()
             tensors[f"{KV_PREFIX}{index}|{layer_path}|down"] = down.contiguous()
     metadata = {"mixofshow.format": "fusion_stats", "mixofshow.format_version": FORMAT_VERSION,
-                "mixofshow.concepts": json.dumps(stats.concepts), "mixofshow.tolerance": repr(stats.tolerance),
+                "mixofshow.concepts": json.dumps(stats.concepts), "mixofshow.tolerance": _tolerance_text(stats.tolerance),
                 "mixofshow.kv_positions": stats.kv_positions}
     if checkpoint_sha256 is not None:
         metadata[CHECKPOINT_HASH_KEY] = checkpoint_sha256
@@ -77,7 +79,7 @@ def load_fusion_stats(path, checkpoint_sha256=None):
         raise FusionStatsError(f"fusion stats {name}: unsupported format version {metadata.get('mixofshow.format_version')}")
     try:
         concepts = json.loads(metadata["mixofshow.concepts"])
-        tolerance = float(metadata["mixofshow.tolerance"])
+        tolerance = _tolerance_value(metadata["mixofshow.tolerance"])
     except (KeyError, ValueError) as e:
         raise FusionStatsError(f"fusion stats {name}: corrupted metadata ({e})") from e
     grouped, kv_loras = {}, {}
@@ -100,6 +102,14 @@ def load_fusion_stats(path, checkpoint_sha256=None):
             raise FusionStatsError(f"fusion stats {name}: layer {layer} contains NaN or inf")
     return FusionStats(layers, concepts, tolerance, metadata.get("mixofshow.kv_positions", "all"),
                        _kv_pairs(name, kv_loras, len(concepts)))
+
+
+def _tolerance_text(tolerance):
+    return MATCH_LBFGS if tolerance is None else repr(tolerance)
+
+
+def _tolerance_value(text):
+    return None if text == MATCH_LBFGS else float(text)
 
 
 def _kv_key(name, key):

@@ -4,6 +4,7 @@ The rest of the plugin imports host APIs that behave the same in both; anything 
 differs is wrapped here (comfyui.md §8.2).
 """
 import inspect
+import sys
 from contextlib import contextmanager
 
 import comfy.conds
@@ -137,3 +138,20 @@ def training_mode():
         yield
     finally:
         comfy.model_management.in_training = previous
+    clip_state = clip.get_sd()
+    extra = {"force_patch_weights": True} if IS_CURRENT_HOST else {}
+    comfy.model_management.load_models_gpu([model, clip_patcher], **extra)
+    state = model.model.state_dict_for_saving(clip_state, vae.get_sd() if vae is not None else None, None)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def progress_text(text):
+    """Shows a status line on the executing node where the host can (PromptServer.send_progress_text
+    and comfy_execution's executing context, current hosts); returns whether it was sent."""
+    server_module, context_module = sys.modules.get("server"), sys.modules.get("comfy_execution.utils")
+    server = getattr(getattr(server_module, "PromptServer", None), "instance", None)
+    context = context_module.get_executing_context() if hasattr(context_module, "get_executing_context") else None
+    if server is None or context is None or not hasattr(server, "send_progress_text"):
+        return False
+    server.send_progress_text(text, context.node_id)
+    return True

@@ -12,7 +12,7 @@ fusion (its statistics given): they are W0 + D_old, so each patch is D − D_old
 import torch
 
 from ..mixofshow_core.edlora_format import EDLoRA, LoRALayer
-from ..mixofshow_core.fusion_solver import GramAccumulator, LayerStats, ReusedEigh, solve
+from ..mixofshow_core.fusion_solver import GramAccumulator, LayerStats, ReusedEigh, solve, solve_like_lbfgs
 from ..mixofshow_core.fusion_stats import FusionStats
 from ..mixofshow_core.merge_baselines import (custom_diffusion_merge, orthogonal_merge, regularization_captions,
                                               weight_average)
@@ -27,6 +27,9 @@ from .progress import Progress
 METHODS = ("gradient", "weight_average", "custom_diffusion", "orthogonal")
 TEXT, UNET = "text_encoder", "unet"
 REGULARIZATION_CAPTIONS = 200
+LAMBDA_RULES = ("tolerance", "match_lbfgs")
+# the original's L-BFGS iterations per layer: text encoder and cross-attention k/v 500, other UNet layers 50
+ORIGINAL_ITERATIONS = {"text": 500, "kv": 500, "spatial": 50}
 
 
 def fused_layers(concepts):
@@ -37,12 +40,23 @@ def fused_layers(concepts):
     return {"text": text, "kv": kv, "spatial": sorted(unet - set(kv))}
 
 
-def layer_tolerance(name, tolerance, kv_positions):
-    """With the original's k/v rows (6 well-separated rows per concept) k/v layers are fitted
-    exactly with the minimum change, the solution L-BFGS from W0 converges to there; every other
-    layer, and k/v fitted on all positions (near-duplicate rows), uses the regularised rule."""
-    exact = kv_positions == "concept_and_eos" and name.endswith((".attn2.to_k", ".attn2.to_v"))
-    return 0.0 if exact else tolerance
+def layer_stage(name):
+    if name.startswith(f"{TEXT}:"):
+        return "text"
+    return "kv" if name.endswith((".attn2.to_k", ".attn2.to_v")) else "spatial"
+
+
+def solve_layer(name, stats, tolerance, kv_positions, eigh=torch.linalg.eigh):
+    """D of one layer. tolerance None: the frontier point at the objective the original's L-BFGS
+    reaches on this layer (same fit, less change); a float: keep (1 − tolerance) of the reducible
+    objective. With the original's k/v rows (6 well-separated rows per concept) k/v layers are
+    fitted exactly with the minimum change, the solution L-BFGS from W0 converges to there."""
+    stage = layer_stage(name)
+    if kv_positions == "concept_and_eos" and stage == "kv":
+        return solve(stats, 0.0, eigh=eigh)[0]
+    if tolerance is None:
+        return solve_like_lbfgs(stats, ORIGINAL_ITERATIONS[stage], eigh=eigh)[0]
+    return solve(stats, tolerance, eigh=eigh)[0]
 
 
 def alpha_of(concept, part):
@@ -78,7 +92,7 @@ class Fusion:
         self.shapes = {TEXT: weight_shapes(clip.patcher), UNET: weight_shapes(model)}
         self.old = {}
         if previous is not None:
-            self.old = {name: solve(stats, layer_tolerance(name, previous.tolerance, previous.kv_positions))[0]
+            self.old = {name: solve_layer(name, stats, previous.tolerance, previous.kv_positions)
                         for name, stats in previous.layers.items()}
         self.layers = fused_layers(concepts)
         self.stats = {}
@@ -193,18 +207,19 @@ class Stage:
                 self.totals[path] = total + stats
             self.owned.add(path)
 
-    def solve(self):
+    def solve(self, label):
         """D for every path: the regularised least-squares solve, or the orthogonal merge. Layers
         reading the same input are solved one after another, so they share one eigh."""
         fusion, changes, eigh = self.fusion, {}, ReusedEigh()
-        for path in sorted(self.paths, key=lambda p: (sd15.input_group(p), p)):
+        paths = sorted(self.paths, key=lambda p: (sd15.input_group(p), p))
+        for number, path in enumerate(paths, 1):
+            fusion.progress.at(f"{label}: solving layer {number}/{len(paths)}")
             name = f"{self.part}:{path}"
             if fusion.method == "orthogonal":
                 changes[path] = fusion.orthogonal(self.part, path, self.captured)
             else:
                 fusion.stats[name] = self.totals[path]
-                tolerance = layer_tolerance(name, fusion.tolerance, fusion.kv_positions)
-                changes[path] = solve(self.totals[path], tolerance, eigh=eigh)[0]
+                changes[path] = solve_layer(name, self.totals[path], fusion.tolerance, fusion.kv_positions, eigh)
             fusion.progress.step()
         return changes
 
@@ -237,33 +252,53 @@ class KVGrams:
         return gram
 
 
+def concept_label(stage, number, count, concept):
+    return f"{stage}: concept {number}/{count} ({concept.edlora.name})"
+
+
+class SamplingSteps:
+    """The capture sampler's per-step callback: names the step on the node, then counts it."""
+
+    def __init__(self, progress, label, steps):
+        self.progress, self.label, self.steps, self.done = progress, label, steps, 0
+
+    def __call__(self):
+        self.done += 1
+        self.progress.at(f"{self.label}, sampling step {self.done}/{self.steps}")
+        self.progress.step()
+
+
 def fuse_captured(fusion, steps, resolution):
     """Gradient fusion (or the orthogonal merge) stage by stage on captured inputs."""
     text_paths, kv_paths, spatial_paths = (fusion.layers[k] for k in ("text", "kv", "spatial"))
     text = fusion.stage(TEXT, text_paths)
-    for concept in fusion.concepts:
+    for number, concept in enumerate(fusion.concepts, 1):
+        fusion.progress.at(concept_label("text encoder", number, len(fusion.concepts), concept))
         client = fusion.with_concept(concept_clip(fusion.clip, concept), concept, TEXT, text_paths)
         text.add(concept, capture_text_encoder(client, concept.words, text_paths))
         fusion.progress.step()
-    text_changes = text.solve()
+    text_changes = text.solve("text encoder")
     fused_clip = register_concepts(fusion.patched(fusion.clip, TEXT, text_changes), fusion.concepts)
 
     # k/v needs only text-encoder passes: every concept, earlier ones included, is recaptured with
     # the new fused encoder, so adding a concept gives exactly the from-scratch k/v
     kv = fusion.stage(UNET, kv_paths, add_previous=False)
-    for concept in fusion.stored_concepts(fused_clip) + list(fusion.concepts):
+    kv_concepts = fusion.stored_concepts(fused_clip) + list(fusion.concepts)
+    for number, concept in enumerate(kv_concepts, 1):
+        fusion.progress.at(concept_label("cross-attention k/v", number, len(kv_concepts), concept))
         kv.add(concept, KVGrams(kv_inputs(fused_clip, concept.words, fusion.kv_positions)))
         fusion.progress.step()
-    kv_changes = kv.solve()
+    kv_changes = kv.solve("cross-attention k/v")
     fused_kv = fusion.patched(fusion.model, UNET, kv_changes)
 
     spatial = fusion.stage(UNET, spatial_paths)
     for index, concept in enumerate(fusion.concepts):  # each concept samples its own seeded image
+        label = concept_label("UNet layers", index + 1, len(fusion.concepts), concept)
         client = install_routing(fusion.with_concept(fused_kv, concept, UNET, spatial_paths))
         seed = fusion.seed + len(fusion.previous.concepts if fusion.previous else []) + index
         spatial.add(concept, capture_spatial(client, fused_clip, concept.words, spatial_paths, fusion.keys[UNET],
-                                             steps, resolution, seed, fusion.progress.step))
-    spatial_changes = spatial.solve()
+                                             steps, resolution, seed, SamplingSteps(fusion.progress, label, steps)))
+    spatial_changes = spatial.solve("UNet layers")
     fused_model = install_routing(fusion.patched(fused_kv, UNET, spatial_changes))
     return fused_model, fused_clip
 
@@ -275,6 +310,7 @@ def averaged_changes(fusion, part, paths):
 
 def fuse_weight_average(fusion):
     """FedAvg: W0 + Σ α_i ΔW_i / N on every layer."""
+    fusion.progress.at("weight average: all layers")
     text = averaged_changes(fusion, TEXT, fusion.layers["text"])
     unet = averaged_changes(fusion, UNET, fusion.layers["kv"] + fusion.layers["spatial"])
     fusion.progress.step(len(text) + len(unet))
@@ -297,7 +333,8 @@ def fuse_custom_diffusion(fusion):
     regulariser = caption_rows(clip, regularization_captions(REGULARIZATION_CAPTIONS))
     rows = [kv_inputs(clip, concept.words, "concept_and_eos") for concept in fusion.concepts]
     kv = {}
-    for path in fusion.layers["kv"]:
+    for number, path in enumerate(fusion.layers["kv"], 1):
+        fusion.progress.at(f"Custom Diffusion k/v merge: layer {number}/{len(fusion.layers['kv'])}")
         shape, layer = fusion.shape(UNET, path), sd15.cross_attention_index(path)
         inputs = [r[layer].double() for r in rows]
         targets = [x @ concept_delta(c, UNET, path, shape).double().T for x, c in zip(inputs, fusion.concepts)]
@@ -311,7 +348,8 @@ def fuse_custom_diffusion(fusion):
 
 def fuse(model, clip, concepts, method="gradient", capture_steps=20, capture_resolution=512, seed=0,
          tolerance=1e-3, previous=None, kv_positions="all"):
-    """(fused MODEL, fused CLIP knowing every concept's words, FusionStats or None)."""
+    """(fused MODEL, fused CLIP knowing every concept's words, FusionStats or None).
+    tolerance None: each layer matches the original's L-BFGS objective (solve_layer)."""
     if not concepts:
         raise ValueError("concepts: the list is empty; connect at least one 'EDLoRA Concept'")
     if method not in METHODS:
@@ -378,18 +416,25 @@ class GradientFuse:
                                             "concept_and_eos: the original's choice, only the concept tokens and "
                                             "the end token (more room for very many concepts)."}),
                 "fusion_tolerance": ("FLOAT", {"default": 1e-3, "min": 0.0, "max": 1.0, "step": 1e-4,
-                                               "tooltip": "Regularisation: each layer keeps (1 − tolerance) of the "
-                                                          "reducible fusion objective while moving its weights as "
-                                                          "little as possible. 0 = exact least squares (can move "
-                                                          "weights wildly on rank-deficient layers)."}),
+                                               "tooltip": "With lambda_rule 'tolerance' (default): each layer keeps "
+                                                          "(1 − tolerance) of the reducible fusion objective while "
+                                                          "moving its weights as little as possible. 0 = exact least "
+                                                          "squares (can move weights wildly on rank-deficient layers)."}),
             },
             "optional": {
+                "lambda_rule": (list(LAMBDA_RULES), {"default": "tolerance",
+                                "tooltip": "tolerance: the fusion_tolerance rule. match_lbfgs (experimental): each "
+                                           "layer reaches the objective the original's L-BFGS would reach "
+                                           "(predicted in closed form) with the least weight change."}),
                 "fusion_stats": ("FUSION_STATS", {"tooltip": "Statistics of the fusion that produced this model "
                                                              "('Load Fused Model'): only the new concepts are captured."}),
             },
         }
 
     def fuse(self, model, clip, concepts, method, capture_steps, capture_resolution, seed, kv_positions,
-             fusion_tolerance, fusion_stats=None):
-        return fuse(model, clip, concepts, method, capture_steps, capture_resolution, seed, fusion_tolerance,
+             fusion_tolerance, fusion_stats=None, lambda_rule="tolerance"):
+        if lambda_rule not in LAMBDA_RULES:
+            raise ValueError(f"lambda_rule: {lambda_rule!r} is not one of {', '.join(LAMBDA_RULES)}")
+        tolerance = fusion_tolerance if lambda_rule == "tolerance" else None
+        return fuse(model, clip, concepts, method, capture_steps, capture_resolution, seed, tolerance,
                     fusion_stats, kv_positions)

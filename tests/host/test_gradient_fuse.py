@@ -10,8 +10,10 @@ from comfyui_mixofshow.nodes.concepts import ConceptCollisionError, concepts_of
 from comfyui_mixofshow.nodes.edlora_concept import Concept, EDLoRAConcept, add_concept, parse_rename
 from comfyui_mixofshow.nodes.edlora_loader import apply_edlora
 from comfyui_mixofshow.nodes.fusion_capture import kv_inputs
-from comfyui_mixofshow.nodes.gradient_fuse import fuse
+from comfyui_mixofshow.mixofshow_core.fusion_solver import solve, solve_like_lbfgs
+from comfyui_mixofshow.nodes.gradient_fuse import GradientFuse, fuse
 from comfyui_mixofshow.nodes.model_keys import ModelMismatchError
+from comfyui_mixofshow.nodes import progress as progress_module
 
 from . import reference
 
@@ -168,3 +170,40 @@ def test_rename_gives_a_colliding_concept_new_words(concepts):
     with pytest.raises(ValueError, match="must look like <old>=<new>"):
         parse_rename("a1=b1", concepts[0].words, "x")
     assert "rename" in EDLoRAConcept.INPUT_TYPES()["required"]
+
+
+def test_lambda_rule_defaults_to_the_tolerance_and_can_match_lbfgs(tmp_path, model, clip, concepts):
+    node, quick = GradientFuse(), dict(CAPTURE, capture_steps=1, seed=0, kv_positions="all")
+    default = node.fuse(model, clip, concepts[:2], "gradient", fusion_tolerance=1e-3, **quick)
+    matched = node.fuse(model, clip, concepts[:2], "gradient", fusion_tolerance=1e-3, lambda_rule="match_lbfgs",
+                        **quick)
+    assert default[2].tolerance == 1e-3 and matched[2].tolerance is None
+    save_fusion_stats(default[2], str(tmp_path / "a.fusionstats"))
+    save_fusion_stats(matched[2], str(tmp_path / "b.fusionstats"))
+    assert load_fusion_stats(str(tmp_path / "a.fusionstats")).tolerance == 1e-3
+    assert load_fusion_stats(str(tmp_path / "b.fusionstats")).tolerance is None
+    path = "mid_block.attentions.0.transformer_blocks.0.attn2.to_k"
+    key = "diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+    base = reference.base_state(model.model)[key].double()
+    for fused, solver in ((default, lambda stats: solve(stats, 1e-3, dtype=torch.float64)[0]),
+                          (matched, lambda stats: solve_like_lbfgs(stats, 500, dtype=torch.float64)[0])):
+        change = solver(fused[2].layers[f"unet:{path}"])
+        assert torch.allclose(loaded_weights(fused[0])[key].double() - base, change, atol=1e-6)
+    with pytest.raises(ValueError, match="lambda_rule"):
+        node.fuse(model, clip, concepts[:1], "gradient", fusion_tolerance=1e-3, lambda_rule="lbfgs", **quick)
+
+
+def test_progress_names_stage_concept_step_and_layer_with_time_left(monkeypatch, model, clip, concepts):
+    shown = []
+    monkeypatch.setattr(progress_module, "progress_text", shown.append)
+    monkeypatch.setattr(progress_module, "MIN_TEXT_INTERVAL", 0.0)
+    fuse(model, clip, concepts[:2], "gradient", **dict(CAPTURE, capture_steps=2))
+    stages = [text.split(":")[0] for text in shown]
+    order = ["text encoder", "cross-attention k/v", "UNet layers"]
+    assert [s for i, s in enumerate(stages) if i == 0 or stages[i - 1] != s] == order
+    names = [c.edlora.name for c in concepts[:2]]
+    assert f"text encoder: concept 2/2 ({names[1]})" in " ".join(shown)
+    assert any(t.startswith(f"UNet layers: concept 1/2 ({names[0]}), sampling step 2/2") for t in shown)
+    assert any(t.startswith("cross-attention k/v: solving layer 32/32") for t in shown)
+    assert any("left)" in t for t in shown) and shown[-1].endswith(f"({2 * 2 + 2 * 2 + 8 + 32 + 96}/"
+                                                                  f"{2 * 2 + 2 * 2 + 8 + 32 + 96})")
