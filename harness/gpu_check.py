@@ -303,6 +303,10 @@ class Loaded:
     strict: bool       # float32 weights: tolerances at float32 level
 
 
+def saved_dtype(loaded):
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(loaded.model.model_dtype(), "fp32")
+
+
 def tolerance(loaded):
     """Relative L2 error allowed between two computations that should agree: float32 vs half precision."""
     return 1e-4 if loaded.strict else 1e-2
@@ -548,7 +552,9 @@ def check_save_reload(loaded, fused, settings):
     prompt = f"photo of a {' '.join(WORDS['a'])} and a {' '.join(WORDS['b'])}"
     before = ksample(model, encode(clip, prompt), encode(clip, ""), settings)
     existing = set(folder_paths.get_filename_list("checkpoints"))
-    SaveFusedModel().save(model, clip, loaded.vae, "gpu_check_fused", stats)
+    # saved in the precision the model runs in, so the round trip itself is what is compared (the default,
+    # the input file's dtype, is what test_fused_model checks: a float16 file loaded as float32 on a CPU rounds)
+    SaveFusedModel().save(model, clip, loaded.vae, "gpu_check_fused", stats, saved_dtype(loaded))
     written = sorted(set(folder_paths.get_filename_list("checkpoints")) - existing)
     require(len(written) == 1, f"Save Fused Model wrote {written or 'no checkpoint'} into models/checkpoints")
     model2, clip2, _, stats2 = LoadFusedModel().load(written[0])
