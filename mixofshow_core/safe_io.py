@@ -32,6 +32,15 @@ class NonFiniteError(ValueError):
     """Tensors about to be written hold NaN or inf; the message names the file and tensor."""
 
 
+def _process_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _process_umask()   # read once at import: os.umask can only be read by setting it
+
+
 def atomic_write(path, write):
     """Calls write(tmp_path) and renames the result over `path` only when it succeeded."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -40,6 +49,7 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp's 0600 would make outputs private to this user
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from comfyui_mixofshow.harness import ROOT
+from comfyui_mixofshow.mixofshow_core import safe_io
 from comfyui_mixofshow.mixofshow_core.safe_io import (NonFiniteError, atomic_write, check_finite,
                                                       remove_partial_files, save_safetensors)
 
@@ -73,3 +74,9 @@ def test_non_finite_tensors_are_not_written(tmp_path):
         check_finite(bad, str(tmp_path / "fused.safetensors"))
     save_safetensors({"a": torch.ones(2)}, str(tmp_path / "fine.safetensors"))
     assert os.listdir(tmp_path) == ["fine.safetensors"]
+
+
+def test_written_files_get_the_usual_permissions_not_mkstemps_private_ones(tmp_path):
+    target = tmp_path / "out.safetensors"
+    atomic_write(str(target), lambda tmp: open(tmp, "wb").write(b"x"))
+    assert target.stat().st_mode & 0o777 == 0o666 & ~safe_io.UMASK   # as open() would create it
