@@ -366,8 +366,9 @@ def binned_measure(spectrum, bins_per_decade=BINS_PER_DECADE):
 
 def solve_like_lbfgs(stats, iterations, rcond=DEFAULT_RCOND, dtype=torch.float32, eigh=torch.linalg.eigh):
     """Least-change D reaching the objective the original's L-BFGS reaches in `iterations` steps
-    from W0: never a worse fit, and less change by the Pareto property. Returns (D, info);
-    info['lbfgs_objective'] is the predicted objective of the original."""
+    from W0, as replayed in float64: the replayed run's fit with less change than it (Pareto
+    property); the original's float32 run may stop at a worse fit. Returns (D, info);
+    info['lbfgs_objective'] is the predicted objective."""
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     spectrum = _spectrum(stats, rcond, eigh)
