@@ -28,9 +28,10 @@ TINY_CLIP = {"architectures": ["CLIPTextModel"], "hidden_act": "quick_gelu", "hi
              "pad_token_id": 1, "torch_dtype": "float32"}
 
 
-def seeded_state(state, seed):
+def seeded_state(state, seed, dtype=torch.float32):
     """Deterministic weights for a state dict: N(0, 1/fan_in) matrices, unit norms, zero biases,
-    N(0, 0.02) embeddings (the host's ops skip weight init, so every tensor must be set)."""
+    N(0, 0.02) embeddings (the host's ops skip weight init, so every tensor must be set). Only
+    shapes are read, so `state` may hold meta tensors; floating-point values come out in `dtype`."""
     generator = torch.Generator().manual_seed(seed)
     out = {}
     for key in sorted(state):
@@ -38,14 +39,14 @@ def seeded_state(state, seed):
         if not value.is_floating_point():
             out[key] = value.clone()
         elif "norm" in key and key.endswith("weight") or key.endswith("logit_scale") or "vae_scale" in key:
-            out[key] = torch.ones_like(value, dtype=torch.float32)
+            out[key] = torch.ones(value.shape, dtype=dtype)
         elif key.endswith("bias") or "vae_shift" in key:
-            out[key] = torch.zeros_like(value, dtype=torch.float32)
+            out[key] = torch.zeros(value.shape, dtype=dtype)
         elif "embedding" in key:
-            out[key] = torch.randn(value.shape, generator=generator) * 0.02
+            out[key] = (torch.randn(value.shape, generator=generator) * 0.02).to(dtype)
         else:
             fan_in = math.prod(value.shape[1:]) if value.dim() > 1 else value.shape[0]
-            out[key] = torch.randn(value.shape, generator=generator) / math.sqrt(fan_in)
+            out[key] = (torch.randn(value.shape, generator=generator) / math.sqrt(fan_in)).to(dtype)
     return out
 
 

@@ -1,7 +1,11 @@
-"""Maps ED-LoRA module names (diffusers / HF) to ComfyUI state-dict keys and weights."""
+"""Maps ED-LoRA module names (diffusers / HF) to ComfyUI state-dict keys and weights, and reads
+which model family (mixofshow_core.families) a MODEL or CLIP belongs to."""
 import comfy.utils
 
 from ..mixofshow_core import sd15
+from ..mixofshow_core.families import FAMILIES, SD15, family_of_attn2_paths, family_of_encoders
+
+ENCODER_NAMES = tuple(dict.fromkeys(e.name for f in FAMILIES.values() for e in f.encoders))
 
 
 class ModelMismatchError(ValueError):
@@ -23,24 +27,51 @@ def weight_shapes(patcher):
     return {k: tuple(v.shape) for k, v in patcher.model.state_dict().items()}
 
 
-def count_cross_attention_layers(model):
-    return sum(1 for name, _ in model.model.diffusion_model.named_modules() if name.endswith(".attn2"))
+def attn2_modules(model):
+    return {name: m for name, m in model.model.diffusion_model.named_modules() if name.endswith(".attn2")}
 
 
-def clip_text_dim(clip):
-    return clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight.shape[1]
+def encoder_widths(clip):
+    """{encoder name: token-embedding width} of the text encoders this CLIP holds."""
+    return {name: getattr(clip.cond_stage_model, name).transformer.get_input_embeddings().weight.shape[1]
+            for name in ENCODER_NAMES if hasattr(clip.cond_stage_model, name)}
+
+
+def model_family(model):
+    """The Family whose cross-attention blocks this MODEL has; ModelMismatchError if none."""
+    modules = attn2_modules(model)
+    width = next(iter(modules.values())).to_k.weight.shape[1] if modules else 0
+    family = family_of_attn2_paths(modules, width)
+    if family is None:
+        raise ModelMismatchError(f"model: its {len(modules)} cross-attention layers on a {width}-wide context "
+                                 f"match no supported model family ({', '.join(FAMILIES)})")
+    return family
+
+
+def clip_family(clip):
+    """The Family whose text encoders this CLIP has; ModelMismatchError if none."""
+    widths = encoder_widths(clip)
+    family = family_of_encoders(widths)
+    if family is None:
+        found = ", ".join(f"{k} {v}" for k, v in widths.items()) or "none"
+        raise ModelMismatchError(f"clip: text encoders ({found}) match no supported model family "
+                                 f"({', '.join(FAMILIES)})")
+    return family
+
+
+def require_family(model=None, clip=None, what="ED-LoRA", family=None):
+    """The one Family of MODEL and CLIP (both given ones must agree, and be `family` when given)."""
+    found = {"model": model_family(model) if model is not None else None,
+             "clip": clip_family(clip) if clip is not None else None}
+    for input_name, got in found.items():
+        if got is not None and family is not None and got is not family:
+            raise ModelMismatchError(f"{input_name}: is {got.name}; {what} needs {family.name}")
+    if found["model"] is not None and found["clip"] is not None and found["model"] is not found["clip"]:
+        raise ModelMismatchError(f"clip: is {found['clip'].name} but the model is {found['model'].name}; "
+                                 f"{what} needs a matching pair")
+    return family or found["model"] or found["clip"]
 
 
 def require_sd15(model=None, clip=None, what="ED-LoRA"):
-    """Raises ModelMismatchError unless MODEL has 16 cross-attention layers and CLIP is 768-wide clip_l."""
-    if model is not None:
-        layers = count_cross_attention_layers(model)
-        if layers != sd15.NUM_CROSS_ATTN_LAYERS:
-            raise ModelMismatchError(f"model: has {layers} cross-attention layers; {what} needs an SD1.5 "
-                                     f"model ({sd15.NUM_CROSS_ATTN_LAYERS})")
-    if clip is not None:
-        if not hasattr(clip.cond_stage_model, "clip_l") or hasattr(clip.cond_stage_model, "clip_g"):
-            raise ModelMismatchError(f"clip: {what} needs an SD1.5 CLIP (clip_l only)")
-        dim = clip_text_dim(clip)
-        if dim != sd15.TEXT_DIM:
-            raise ModelMismatchError(f"clip: text width {dim}; {what} needs SD1.5's {sd15.TEXT_DIM}")
+    """Raises ModelMismatchError unless MODEL and CLIP are SD1.5 (16 cross-attention layers, 768-wide clip_l)."""
+    return require_family(model, clip, what, SD15)
