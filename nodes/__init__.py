@@ -3,6 +3,7 @@ from .edlora_concept import EDLoRAConcept
 from .edlora_loader import EDLoRALoader
 from .edlora_text_encode import EDLoRATextEncode
 from .edlora_train import EDLoRATrain
+from .export_edlora import ExportEDLoRA
 from .fused_model import LoadFusedModel, SaveFusedModel
 from .gradient_fuse import GradientFuse
 from .region_prompt import RegionPrompt, RegionPromptImport, RegionsFromBoundingBoxes
@@ -22,6 +23,7 @@ NODES = (
     ("MixOfShowApplyRegions", ApplyRegions, "Apply Regions"),
     ("MixOfShowRegionalSampler", RegionalSampler, "Regional Sampler"),
     ("MixOfShowEDLoRATrain", EDLoRATrain, "EDLoRA Train"),
+    ("MixOfShowExportEDLoRA", ExportEDLoRA, "Export ED-LoRA"),
 )
 NODE_CLASS_MAPPINGS = {node_id: v1 for node_id, v1, _ in NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: display_name for node_id, _, display_name in NODES}
