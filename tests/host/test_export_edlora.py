@@ -12,6 +12,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from comfyui_mixofshow.harness import demo_models
+from comfyui_mixofshow.harness import server as harness_server
 from comfyui_mixofshow.harness.edlora_fixtures import model_lora_shapes, random_edlora
 from comfyui_mixofshow.mixofshow_core import sd15
 from comfyui_mixofshow.mixofshow_core.edlora_format import EDLoRAFormatError, save_edlora, save_edlora_original
@@ -22,6 +24,8 @@ from comfyui_mixofshow.nodes.model_keys import clip_weight_keys, unet_weight_key
 
 from . import reference
 from .interrupts import server_progress_hook
+from .node_specs import combo_options
+from .server_runs import checked_pixels, prepared_server, run_image, running
 
 CONV = f"{sd15.CROSS_ATTN_BLOCKS[3]}.proj_in"
 PROMPTS = (["photo of a", "<x1>", "<x2>"], ["<x1>", "<x2>"])  # the fit's prompts, as text pieces
@@ -249,3 +253,70 @@ def test_is_changed_follows_the_source_and_the_written_lora(folders, concept):
     (folders / "loras" / "x_export.safetensors").unlink()
     after = ExportEDLoRA.IS_CHANGED("x.safetensors", output_name="x_export")
     assert after != after  # NaN: the node runs again and rewrites what was deleted
+
+
+# ---- through a real server --------------------------------------------------------------------
+
+SERVER_NAME = "mixofshow_test_export"
+
+
+@pytest.fixture(scope="module")
+def server_run(tmp_path_factory):
+    """(server, client): a server with the demo checkpoint and ED-LoRA. The node writes into ComfyUI's
+    first loras/embeddings folders, the host's own models/ folders: the fixture removes its files."""
+    checkpoint, edlora = demo_models.ensure_demo_models()
+    server = prepared_server(tmp_path_factory.mktemp("comfy-export"), [("checkpoints", checkpoint),
+                                                                        ("edlora", edlora)])
+    try:
+        with running(server) as client:
+            yield server, client
+    finally:
+        for kind in ("loras", "embeddings"):
+            for path in (demo_models.host_models_dir(server) / kind).glob(f"{SERVER_NAME}*.safetensors"):
+                path.unlink()
+
+
+def export_graph(**inputs):
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": demo_models.DEMO_CHECKPOINT}},
+            "2": {"class_type": "MixOfShowExportEDLoRA", "inputs": {
+                "edlora_name": demo_models.DEMO_EDLORA, "output_name": SERVER_NAME, "lora_dtype": "same as file",
+                "embedding": "fitted", "overwrite": False, "clip": ["1", 1], "text_encoder_alpha": 1.0,
+                "fit_steps": 3, **inputs}}}
+
+
+def stock_graph(text, lora):
+    """Stock nodes only: Load LoRA + CLIPTextEncode with embeddings, sampled and saved."""
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": demo_models.DEMO_CHECKPOINT}},
+            "2": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora,
+                                                         "strength_model": 1.0, "strength_clip": 1.0}},
+            "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": text}},
+            "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 1], "text": ""}},
+            "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+            "6": {"class_type": "KSampler", "inputs": {
+                "model": ["2", 0], "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "seed": 1,
+                "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
+            "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": SERVER_NAME}}}
+
+
+def test_server_exports_and_stock_nodes_use_the_files(server_run):
+    server, client = server_run
+    entry = client.run(export_graph(), timeout=300)
+    shown = entry["outputs"]["2"]["text"]
+    lora = f"{SERVER_NAME}.safetensors"
+    assert shown[:3] == [f"loras/{lora}", f"embeddings/{SERVER_NAME}_cat1.safetensors",
+                         f"embeddings/{SERVER_NAME}_cat2.safetensors"]
+    assert shown[3].startswith("embeddings: fitted vectors; layer-encoding error")
+    models = demo_models.host_models_dir(server)
+    assert (models / "loras" / lora).is_file()
+    assert lora in combo_options(client.object_info("LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"])
+    log_before = server.log_path.read_text()
+    text = f"photo of a embedding:{SERVER_NAME}_cat1 embedding:{SERVER_NAME}_cat2"
+    checked_pixels(run_image(client, stock_graph(text, lora))[1], (64, 64))
+    new_log = server.log_path.read_text()[len(log_before):]
+    assert "lora key not loaded" not in new_log and "does not exist, ignoring" not in new_log, new_log
+
+    with pytest.raises(harness_server.ComfyError, match="already exists; choose another output_name"):
+        client.run(export_graph(fit_steps=4), timeout=300)
+    client.run(export_graph(fit_steps=4, overwrite=True, embedding="mean of layer rows"), timeout=300)
+    assert client.system_stats()["system"]
