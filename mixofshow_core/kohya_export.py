@@ -4,8 +4,10 @@ Kohya keys. A LoRA on module `path` of a model section is stored as
     <prefix><path with '.' -> '_'>.lora_down.weight  [r, in] (or [r, in, 1, 1])
     <prefix><path with '.' -> '_'>.lora_up.weight    [out, r]
     <prefix><path with '.' -> '_'>.alpha             alpha; loaders use ΔW = strength · alpha/r · up @ down
-The prefixes and the module lists come from KOHYA_SECTIONS (data per model family), so a family
-is added by adding its sections. ED-LoRA's ΔW = α · scale · up @ down has no division by rank,
+The prefixes and module lists are the family's data (families.py: each encoder's file section and
+kohya prefix); a family's files also need its kohya base-model names below. SD1.5's kohya UNet
+names are its diffusers paths; kohya's SDXL files name UNet modules by ComfyUI/ldm paths
+(input_blocks_4_1_...), which SDXL support would add as a rename of the UNet section. ED-LoRA's ΔW = α · scale · up @ down has no division by rank,
 so alpha = r · scale and a loader's strength plays the role of ED-LoRA's α.
 
 Textual inversion. ED-LoRA gives each word 16 rows (row l feeds cross-attention layer l); a
@@ -23,21 +25,24 @@ from dataclasses import dataclass
 
 import torch
 
-from . import sd15
+from .families import FAMILIES
 
 
 @dataclass(frozen=True)
 class KohyaSection:
-    """One ED-LoRA section (`edlora.unet` / `edlora.text_encoder`) and its kohya key prefix."""
+    """One ED-LoRA section (`edlora.unet`, `edlora.text_encoder`, ...) and its kohya key prefix."""
     section: str
     prefix: str
     layers: tuple
 
 
-KOHYA_SECTIONS = {
-    "sd15": (KohyaSection("unet", "lora_unet_", tuple(sd15.unet_lora_layers())),
-             KohyaSection("text_encoder", "lora_te_", tuple(sd15.text_lora_layers()))),
-}
+def kohya_sections(family):
+    """The UNet, then each text encoder under its ED-LoRA file section and kohya prefix."""
+    unet = KohyaSection("unet", "lora_unet_", tuple(family.unet_lora_layers()))
+    return (unet,) + tuple(KohyaSection(e.file_section, e.kohya_prefix, tuple(family.text_lora_layers(e)))
+                           for e in family.encoders)
+
+
 BASE_MODEL_VERSION = {"sd15": "sd_v1"}          # kohya's ss_base_model_version
 MODELSPEC_ARCHITECTURE = {"sd15": "stable-diffusion-v1/lora"}
 EMBEDDING_KEY = "emb_params"                     # the A1111 safetensors embedding key ComfyUI also reads
@@ -54,7 +59,8 @@ def kohya_key(prefix, path):
 
 def kohya_names(family="sd15"):
     """{(section, module path): kohya key} for every layer the family's ED-LoRAs may carry."""
-    names = {(s.section, path): kohya_key(s.prefix, path) for s in KOHYA_SECTIONS[family] for path in s.layers}
+    names = {(s.section, path): kohya_key(s.prefix, path)
+             for s in kohya_sections(FAMILIES[family]) for path in s.layers}
     if len(set(names.values())) != len(names):
         raise KohyaExportError(f"{family}: two module paths give the same kohya key")
     return names
@@ -65,8 +71,8 @@ def kohya_lora_state(edlora, dtype=None, family="sd15"):
     alpha = rank · scale as a float32 scalar."""
     names = kohya_names(family)
     state = {}
-    for section in KOHYA_SECTIONS[family]:
-        for path, layer in getattr(edlora, section.section).items():
+    for section in kohya_sections(FAMILIES[family]):
+        for path, layer in (getattr(edlora, section.section, None) or {}).items():
             key = names.get((section.section, path))
             if key is None:
                 raise KohyaExportError(f"{edlora.name}: {section.section} layer {path} has no {family} kohya name")
