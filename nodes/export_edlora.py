@@ -144,6 +144,8 @@ def export_edlora(edlora_name, output_name, lora_dtype, embedding, overwrite, cl
         raise FileNotFoundError(f"edlora_name: {edlora_name} is not in models/{EDLORA_FOLDER}")
     if lora_dtype not in LORA_DTYPES:
         raise ValueError(f"lora_dtype {lora_dtype!r}: choose one of {', '.join(LORA_DTYPES)}")
+    if embedding not in EMBEDDING_KINDS:
+        raise ValueError(f"embedding {embedding!r}: choose one of {', '.join(EMBEDDING_KINDS)}")
     edlora = load_edlora(source)
     lora_path, embedding_paths = export_paths(output_name, edlora.words)
     outputs = labelled(lora_path, embedding_paths)

@@ -20,7 +20,7 @@ from comfyui_mixofshow.mixofshow_core.edlora_format import EDLoRAFormatError, sa
 from comfyui_mixofshow.mixofshow_core.kohya_export import mean_rows
 from comfyui_mixofshow.nodes.edlora_loader import apply_edlora
 from comfyui_mixofshow.nodes.export_edlora import ExportEDLoRA, fitted_vectors
-from comfyui_mixofshow.nodes.model_keys import clip_weight_keys, unet_weight_keys
+from comfyui_mixofshow.nodes.model_keys import ModelMismatchError, clip_weight_keys, unet_weight_keys
 
 from . import reference
 from .interrupts import server_progress_hook
@@ -230,11 +230,22 @@ def test_missing_malformed_and_unfit_inputs_give_one_clear_error(folders, clip, 
         export(embedding="fitted")
     with pytest.raises(ValueError, match="lora_dtype 'float8': choose one of"):
         export(lora_dtype="float8")
+    with pytest.raises(ValueError, match="embedding 'median': choose one of fitted, mean of layer rows"):
+        export(embedding="median")
+    export(output_name="plain")  # a kohya LoRA (ours) is not an ED-LoRA
+    (folders / "loras" / "plain.safetensors").rename(folders / "edlora" / "plain.safetensors")
+    with pytest.raises(EDLoRAFormatError, match="plain.safetensors: not a Mix-of-Show ED-LoRA"):
+        export("plain.safetensors")
+    deep = random_edlora(["<d1>"], {}, {"text_model.encoder.layers.11.self_attn.q_proj": (768, 768)}, name="deep")
+    save_edlora(deep, str(folders / "edlora" / "deep.safetensors"))
+    with pytest.raises(ModelMismatchError, match="deep.safetensors: text_encoder layer text_model.encoder.layers.11"
+                                                 ".self_attn.q_proj does not exist in this model"):
+        export("deep.safetensors", output_name="deep", embedding="fitted", clip=clip)
     skipped = clip.clone()
     skipped.clip_layer(-2)
     with pytest.raises(ValueError, match="clip: CLIP skip is set"):
         export(embedding="fitted", clip=skipped)
-    assert list((folders / "loras").iterdir()) == []
+    assert not (folders / "loras" / "deep.safetensors").exists()
 
 
 def test_original_pth_exports_the_same_lora(folders, concept):
