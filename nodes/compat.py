@@ -138,11 +138,6 @@ def training_mode():
         yield
     finally:
         comfy.model_management.in_training = previous
-    clip_state = clip.get_sd()
-    extra = {"force_patch_weights": True} if IS_CURRENT_HOST else {}
-    comfy.model_management.load_models_gpu([model, clip_patcher], **extra)
-    state = model.model.state_dict_for_saving(clip_state, vae.get_sd() if vae is not None else None, None)
-    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
 def progress_text(text):

@@ -191,6 +191,17 @@ def test_fit_reports_progress_and_honours_interrupt(folders, clip, concept):
                                                                         "x_export_x2.safetensors"]
 
 
+def test_fit_sets_the_training_flag_of_hosts_that_have_one(folders, clip, concept, monkeypatch):
+    """ComfyUI 0.38 switches its ops to differentiable kernels while `in_training` is set."""
+    monkeypatch.setattr(comfy.model_management, "in_training", False, raising=False)
+    seen = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
+                        lambda *a, **k: seen.append(comfy.model_management.in_training))
+    export(embedding="fitted", clip=clip, fit_steps=2)
+    assert seen and all(seen)
+    assert comfy.model_management.in_training is False
+
+
 def test_existing_files_are_kept_unless_overwrite(folders, concept):
     export()
     lora = folders / "loras" / "x_export.safetensors"
