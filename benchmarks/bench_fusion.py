@@ -1,10 +1,19 @@
 """Gradient Fuse on the tiny 16-layer model: identity, memory and incremental fusion.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fusion.py [--quick] [--identity-drift-only]
 
 Everything runs on the harness's tiny SD1.5-topology model (32-channel UNet, 2-layer 768-wide
 CLIP) on CPU with one torch thread, with seeded random ED-LoRAs (text_lora_scale 0.05,
 embedding_scale 0.3) and a small capture (64 px, 2 steps unless stated).
+  0. Identity and drift, end to end (the numbers users care about): three concepts fused by the
+     default λ rule (match_lbfgs), the old τ rule (1e-3), weight averaging, Custom Diffusion, and an
+     L-BFGS fusion with the original's settings (torch.optim.LBFGS in float32 from W0, history 25,
+     strong Wolfe, 500/500/50 iterations for text / k/v / other layers) on the same captured Grams,
+     stage by stage like the others. Per concept, the denoised predictions x0 of a 4-step sampling
+     run (no CFG, 64 px, fixed seed) of the fused model vs that concept's own single-ED-LoRA model
+     (α 1), on its own prompts (cond branch) and on the empty negative prompt (uncond branch), each
+     model with its own text encoder: ‖fused − single‖ / ‖single‖; drift: fused vs base model on
+     prompts without concept words, ‖fused − base‖ / ‖base‖.
   1. Identity: per concept, the relative error of the fused model vs that concept's single
      ED-LoRA model, (a) of the UNet output of the concept's capture-style sampling run, relative
      to what the concept changes in that run, and (b) of the cross-attention k/v outputs on the
@@ -16,6 +25,7 @@ embedding_scale 0.3) and a small capture (64 px, 2 steps unless stated).
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -32,14 +42,18 @@ _bootstrap.add_host(cpu=True)
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
+import comfy.sample  # noqa: E402
+
 from comfyui_mixofshow.harness import models  # noqa: E402
 from comfyui_mixofshow.harness.fusion_checks import (  # noqa: E402
     CAPTURE, capture_sample, loaded_weights, relative_error, seeded_concepts)
-from comfyui_mixofshow.mixofshow_core import sd15  # noqa: E402
+from comfyui_mixofshow.mixofshow_core import fusion_solver, sd15  # noqa: E402
+from comfyui_mixofshow.nodes import gradient_fuse  # noqa: E402
 from comfyui_mixofshow.nodes.edlora_loader import apply_edlora  # noqa: E402
+from comfyui_mixofshow.nodes.edlora_text_encode import encode_layerwise  # noqa: E402
 from comfyui_mixofshow.nodes.fusion_capture import kv_inputs  # noqa: E402
 from comfyui_mixofshow.nodes.gradient_fuse import fuse  # noqa: E402
-from comfyui_mixofshow.nodes.model_keys import unet_weight_keys  # noqa: E402
+from comfyui_mixofshow.nodes.model_keys import clip_weight_keys, unet_weight_keys  # noqa: E402
 
 METHODS = {"gradient, k/v all": dict(method="gradient", kv_positions="all"),
            "gradient, k/v concept_and_eos": dict(method="gradient", kv_positions="concept_and_eos"),
@@ -47,6 +61,124 @@ METHODS = {"gradient, k/v all": dict(method="gradient", kv_positions="all"),
            "custom_diffusion": dict(method="custom_diffusion")}
 STAGES = ("text_encoder", "k/v", "other UNet")
 FP16_BYTES = 2
+
+
+RULE_ROWS = {"match_lbfgs (default)": dict(method="gradient", tolerance=None),
+             "tolerance 1e-3 (old default)": dict(method="gradient", tolerance=1e-3),
+             "weight average": dict(method="weight_average"),
+             "Custom Diffusion": dict(method="custom_diffusion")}
+LBFGS_ROW = "L-BFGS, original settings"
+OWN_PROMPTS = ("photo of a {}", "{}", "a {} in the garden")
+PLAIN_PROMPTS = ("photo of a dog", "a red car on a street", "")
+X0_STEPS = 4
+
+
+def x0_predictions(model, clip, prompt, seed):
+    """The denoised predictions x0 of every step of a seeded, CFG-free sampling run [steps, ...]."""
+    cond = encode_layerwise(clip, prompt)
+    size = CAPTURE["capture_resolution"] // 8
+    noise = comfy.sample.prepare_noise(torch.zeros(1, 4, size, size), seed)
+    seen = []
+    comfy.sample.sample(model, noise, X0_STEPS, 1.0, "dpmpp_2m", "normal", cond, cond, torch.zeros_like(noise),
+                        seed=seed, callback=lambda step, x0, x, total: seen.append(x0.clone()), disable_pbar=True)
+    return torch.stack(seen)
+
+
+class GramLBFGS:
+    """solve_layer replacement: the original's L-BFGS (float32, from W0, history 25, strong Wolfe,
+    ORIGINAL_ITERATIONS) on the layer's Gram objective. With G = QΛQᵀ the objective is
+    ‖X̃ Wᵀ − Ỹ‖² + f* for the rank rows X̃ = Λ^½Qᵀ, Ỹ = X̃ W0ᵀ + Λ^-½ R̃ᵀ (the same f as the captured
+    rows, without the float32 cancellation of c − 2tr(DRᵀ) + tr(DGDᵀ)), divided by the captured
+    rows' N = rows·d_out as F.mse_loss does."""
+
+    def __init__(self, base_weights):
+        self.base_weights = base_weights   # layer name -> W0 [d_out, d_in]
+
+    def __call__(self, name, stats, tolerance, kv_positions, eigh=None):
+        spectrum = fusion_solver._spectrum(stats, fusion_solver.DEFAULT_RCOND)
+        w0 = self.base_weights[name].double()
+        rows = spectrum.eigvals.sqrt()[:, None] * spectrum.basis.T
+        targets = rows @ w0.T + (spectrum.rhs_rot / spectrum.eigvals.sqrt()).T
+        optimum = max(stats.energy - spectrum.reducible, 0.0)
+        x, y, start = rows.float(), targets.float(), w0.float()
+        weight = start.clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS([weight], lr=1, max_iter=gradient_fuse.ORIGINAL_ITERATIONS[gradient_fuse.layer_stage(name)],
+                                      history_size=25, line_search_fn="strong_wolfe", tolerance_grad=1e-16,
+                                      tolerance_change=1e-16)
+        mean_over, best = max(stats.rows, 1) * stats.d_out, {"loss": math.inf, "weight": start.clone()}
+
+        def closure():
+            optimizer.zero_grad()
+            loss = (((x @ weight.T - y) ** 2).sum() + optimum) / mean_over
+            loss.backward()
+            if loss.item() < best["loss"]:
+                best["loss"], best["weight"] = loss.item(), weight.detach().clone()
+            return loss
+
+        with torch.inference_mode(False), torch.enable_grad():
+            optimizer.step(closure)
+        return best["weight"] - start
+
+
+def lbfgs_fusion(model, clip, concepts):
+    """Gradient Fuse with every layer solved by GramLBFGS."""
+    base = {}
+    for part, patcher, keys in ((gradient_fuse.TEXT, clip.patcher, clip_weight_keys(clip)),
+                                (gradient_fuse.UNET, model, unet_weight_keys(model))):
+        weights = loaded_weights(patcher)
+        base.update({f"{part}:{path}": weights[key].reshape(weights[key].shape[0], -1)
+                     for path, key in keys.items() if key in weights})
+    saved = gradient_fuse.solve_layer
+    gradient_fuse.solve_layer = GramLBFGS(base)
+    try:
+        return fuse(model, clip, concepts, "gradient", **CAPTURE)[:2]
+    finally:
+        gradient_fuse.solve_layer = saved
+
+
+def relative(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def identity_and_drift(model, clip, count=3):
+    """{row: (cond errors per concept, uncond errors per concept, drift per plain prompt)}."""
+    concepts = seeded_concepts(model, clip, count)
+    fused = {name: fuse(model, clip, concepts, **options, **CAPTURE)[:2] for name, options in RULE_ROWS.items()}
+    fused[LBFGS_ROW] = lbfgs_fusion(model, clip, concepts)
+    results = {name: ([], [], []) for name in fused}
+    scale = []
+    for index, concept in enumerate(concepts):
+        single = apply_edlora(model, clip, concept.edlora, 1.0, 1.0)
+        seed = CAPTURE["seed"] + index
+        for prompts, slot in ((OWN_PROMPTS, 0), (("",), 1)):
+            for prompt in prompts:
+                text = prompt.format(" ".join(concept.words)) if "{}" in prompt else prompt
+                expected = x0_predictions(*single, text, seed)
+                if slot == 0:
+                    scale.append(relative(x0_predictions(model, clip, text.replace(" ".join(concept.words), "thing"), seed),
+                                          expected))
+                for name, pair in fused.items():
+                    results[name][slot].append(relative(x0_predictions(*pair, text, seed), expected))
+    for index, prompt in enumerate(PLAIN_PROMPTS):
+        expected = x0_predictions(model, clip, prompt, CAPTURE["seed"] + index)
+        for name, pair in fused.items():
+            results[name][2].append(relative(x0_predictions(*pair, prompt, CAPTURE["seed"] + index), expected))
+    return results, statistics.mean(scale)
+
+
+def print_identity_and_drift(results, scale, count=3):
+    print(f"\n### Identity and drift, end to end ({count} concepts, x0 of {X0_STEPS} sampling steps, lower is better)\n")
+    print("| fusion | identity, cond: own prompts vs single ED-LoRA (mean, max) | identity, uncond: empty prompt "
+          "(mean, max) | drift: plain prompts vs base (mean, max) |")
+    print("|---|---|---|---|")
+    for name, columns in results.items():
+        print(f"| {name} | " + " | ".join(f"{statistics.mean(c):.4f}, {max(c):.4f}" for c in columns) + " |")
+    print(f"\nscale: the base model with the concept words replaced by 'thing' is {scale:.3f} from the single "
+          f"ED-LoRA model on the same prompts (mean).")
+    default, lbfgs = results["match_lbfgs (default)"], results[LBFGS_ROW]
+    checks = [statistics.mean(d) <= statistics.mean(l) for d, l in zip(default, lbfgs)]
+    print("default (match_lbfgs) at least as good as the original-settings L-BFGS fusion (means): "
+          + ", ".join(f"{label} {'yes' if ok else 'NO'}" for label, ok in zip(("cond", "uncond", "drift"), checks)))
 
 
 def kv_error(model, fused, single, base, concept):
@@ -209,6 +341,7 @@ def print_incremental(rows):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer configurations (about 3 minutes)")
+    parser.add_argument("--identity-drift-only", action="store_true", help="only the identity and drift table")
     parser.add_argument("--memory-child", nargs=2, type=int, metavar=("CONCEPTS", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -216,10 +349,10 @@ def main():
     with torch.inference_mode():
         if args.memory_child:
             return memory_child(*args.memory_child)
-        run(args.quick)
+        run(args.quick, args.identity_drift_only)
 
 
-def run(quick):
+def run(quick, identity_drift_only=False):
     start = time.perf_counter()
     model, clip = models.tiny_model(), models.tiny_clip()
     identity_counts = (2, 3) if quick else (2, 3, 4)
@@ -230,6 +363,10 @@ def run(quick):
           f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}, capture "
           f"{CAPTURE['capture_resolution']} px / {CAPTURE['capture_steps']} steps / seed {CAPTURE['seed']}"
           f"{', --quick' if quick else ''}")
+    print_identity_and_drift(*identity_and_drift(model, clip))
+    if identity_drift_only:
+        print(f"\ntotal {time.perf_counter() - start:.0f} s")
+        return
     print_identity({n: identity(model, clip, n) for n in identity_counts})
     configs = [(n, CAPTURE["capture_steps"]) for n in memory_counts] + [(2, s) for s in memory_steps if s != 2]
     print_memory({config: measure_memory(*config) for config in configs})

@@ -62,13 +62,23 @@ quantity, the first trial step min(1, 1/‖g‖₁) with ‖g‖₁ = 2‖R‖�
     solve_like_lbfgs(k):         f(λ) = f* + (f − f*) reached by k original L-BFGS iterations
 
 is then the frontier point at the original's objective: the same objective with the least change.
-L-BFGS amplifies rounding differences over its iterations (its line-search branches flip), so
-the replay runs on the measure pooled into eigenvalue bins of ~0.23 % (binned_measure): sums that
-differ by rounding get the same prediction, and the prediction moves by what such a run varies.
+Two details make the prediction match what the original's run reaches, not just its exact-arithmetic
+path. (1) L-BFGS amplifies rounding differences over its iterations (its line-search branches
+flip), so the replay runs on the measure pooled into eigenvalue bins of ~0.23 % (binned_measure):
+sums that differ by rounding get the same prediction. (2) In weight space every eigen-direction
+carries a d_out-wide column, and rounding pushes the iterate off the exact polynomial form into
+directions a one-coordinate-per-eigenvalue replay does not have; on ill-conditioned layers that
+replay then gets much further than any weight-space run (on a captured k/v layer: 9 % lower
+objective than torch's L-BFGS in float64 and float32 alike, which agree to 1 %, and 1.8x the change).
+So the replay runs on REPLAY_ROWS rows, seeded columns in general position with ‖column k‖² = s_k
+(replay_columns): exact arithmetic takes the same steps, and under rounding it lands within a few
+per cent of the weight-space runs, slightly below them (bench_fusion_layers.py measures it per layer
+against torch's float32 L-BFGS on captured layers).
 """
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,6 +86,8 @@ from .spectral_lbfgs import lbfgs_excess
 
 DEFAULT_RCOND = 1e-12
 BINS_PER_DECADE = 1000   # eigenvalue bins of ~0.23 % width for the L-BFGS replay
+REPLAY_ROWS = 16         # rows of the replay's columns (8 already behave like d_out; module docstring)
+REPLAY_SEED = 0
 _BISECTION_STEPS = 200
 _BISECTION_RELATIVE_WIDTH = 1e-12
 
@@ -96,8 +108,19 @@ def as_weight_matrix(weight):
     raise ValueError(f"expected a [d_out, d_in] or [d_out, d_in, 1, 1] weight, got shape {tuple(weight.shape)}")
 
 
+BLOCK_ROWS = 1024   # rows per float32 partial Gram (GramAccumulator)
+FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24
+
+
 class GramAccumulator:
-    """Streams input rows into G = Σ xᵀx (float64, on the first input's device) and counts them."""
+    """Streams input rows into G = Σ xᵀx (float64, on the first input's device) and counts them.
+
+    Float64 rows are accumulated in float64. Other rows are multiplied in float32 (half-precision
+    rows promoted block by block), BLOCK_ROWS rows at a time, and each block's partial Gram is
+    added to the float64 sum: no float64 copy of the activations, no float64 product. Rounding
+    bound (any summation order): for a block of B rows, |fl(Σ x_i x_j) − Σ x_i x_j| ≤ γ_B Σ |x_i||x_j|
+    with γ_B = B·u/(1 − B·u), u = 2⁻²⁴ (about 6·10⁻⁵ relative for B = 1024, usually far less),
+    plus float64 rounding of the block sums (error_bound)."""
 
     def __init__(self, d_in):
         self.d_in = d_in
@@ -110,13 +133,41 @@ class GramAccumulator:
             raise ValueError(f"input rows have width {x.shape[-1]}, accumulator expects d_in={self.d_in}")
         if self.rows == 0:
             self.gram = self.gram.to(x.device)
-        rows = x.detach().reshape(-1, self.d_in).to(device=self.gram.device, dtype=torch.float64)
-        self.gram.addmm_(rows.T, rows)
+        rows = x.detach().reshape(-1, self.d_in).to(device=self.gram.device)
+        if rows.dtype == torch.float64:
+            self.gram.addmm_(rows.T, rows)
+        else:
+            with _full_float32_matmul():
+                for block in rows.split(BLOCK_ROWS):
+                    block = block.float()
+                    self.gram.add_(block.T @ block)
         self.rows += rows.shape[0]
 
     def add_conv(self, x):
         """Add a [B, C, H, W] input of a 1x1 conv (rows of C)."""
         self.add(conv_input_rows(x))
+
+    @staticmethod
+    def error_bound(rows):
+        """Elementwise bound on |G − XᵀX| for rows X added in one call (class docstring)."""
+        rows = rows.detach().reshape(-1, rows.shape[-1]).double().abs()
+        if rows.shape[0] == 0:
+            return torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
+        block = min(BLOCK_ROWS, rows.shape[0])
+        gamma = block * FLOAT32_UNIT_ROUNDOFF / (1 - block * FLOAT32_UNIT_ROUNDOFF)
+        blocks = -(-rows.shape[0] // BLOCK_ROWS)
+        return (gamma + blocks * 2.0 ** -52) * (rows.T @ rows)
+
+
+class _full_float32_matmul:
+    """Disables TF32 (10-bit mantissa) float32 matmuls on CUDA for the block products."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 def _gram_copy(gram):
@@ -134,6 +185,9 @@ class LayerStats:
     rhs: torch.Tensor    # R = Σ ΔW_i G_i       [d_out, d_in] float64
     energy: float        # c = Σ tr(ΔW_i G_i ΔW_iᵀ) = f(W0)
     rows: int = 0        # number of input rows behind G
+    # R as a sum of low-rank products [(left_i, right_i)], R = Σ left_i @ right_i summed in this
+    # order (LoRA concepts: left = scale·up, right = down G_i); None when R is only known dense
+    rhs_factors: list = None
 
     @property
     def d_out(self):
@@ -150,11 +204,11 @@ class LayerStats:
         delta = as_weight_matrix(delta).to(device=gram.device, dtype=torch.float64)
         _check_delta_shape(delta.shape, gram)
         rhs = delta @ gram
-        return cls(gram, rhs, float((rhs * delta).sum()), rows)
+        return cls(gram, rhs, float((rhs * delta).sum()), rows, [] if not bool(delta.any()) else None)
 
     @classmethod
     def from_lora(cls, gram, up, down, scale=1.0):
-        """Statistics of ΔW_i = scale·up·down without forming ΔW_i: R_i = scale·up (down G_i),
+        """Statistics of ΔW_i = scale·up·down without forming ΔW_i: R_i = (scale·up)(down G_i),
         c_i = scale² tr((upᵀup)(down G_i downᵀ)), O(r·d_in²) instead of O(d_out·d_in²)."""
         gram, rows = _gram_copy(gram)
         up = as_weight_matrix(up).to(device=gram.device, dtype=torch.float64)
@@ -162,29 +216,36 @@ class LayerStats:
         if up.shape[1] != down.shape[0]:
             raise ValueError(f"LoRA rank mismatch: up {tuple(up.shape)} vs down {tuple(down.shape)}")
         _check_delta_shape((up.shape[0], down.shape[1]), gram)
-        down_gram = down @ gram
+        down_gram, left = down @ gram, scale * up
         energy = scale * scale * float(((up.T @ up) * (down_gram @ down.T)).sum())
-        return cls(gram, scale * (up @ down_gram), energy, rows)
+        return cls(gram, left @ down_gram, energy, rows, [(left, down_gram)])
+
+    def _check_same_layer(self, other):
+        if other.gram.shape != self.gram.shape or other.rhs.shape != self.rhs.shape:
+            raise ValueError(f"cannot add stats of a [{other.d_out}, {other.d_in}] layer "
+                             f"to stats of a [{self.d_out}, {self.d_in}] layer")
+
+    def _factors_with(self, other):
+        if self.rhs_factors is None or other.rhs_factors is None:
+            return None
+        return list(self.rhs_factors) + list(other.rhs_factors)
 
     def __add__(self, other):
         if not isinstance(other, LayerStats):
             return NotImplemented
-        if other.gram.shape != self.gram.shape or other.rhs.shape != self.rhs.shape:
-            raise ValueError(f"cannot add stats of a [{other.d_out}, {other.d_in}] layer "
-                             f"to stats of a [{self.d_out}, {self.d_in}] layer")
+        self._check_same_layer(other)
         device = self.gram.device
         return LayerStats(self.gram + other.gram.to(device), self.rhs + other.rhs.to(device),
-                          self.energy + other.energy, self.rows + other.rows)
+                          self.energy + other.energy, self.rows + other.rows, self._factors_with(other))
 
     def add_(self, other):
         """In place: self += other (no new [d_in, d_in] buffers)."""
-        if other.gram.shape != self.gram.shape or other.rhs.shape != self.rhs.shape:
-            raise ValueError(f"cannot add stats of a [{other.d_out}, {other.d_in}] layer "
-                             f"to stats of a [{self.d_out}, {self.d_in}] layer")
+        self._check_same_layer(other)
         self.gram.add_(other.gram.to(self.gram.device))
         self.rhs.add_(other.rhs.to(self.rhs.device))
         self.energy += other.energy
         self.rows += other.rows
+        self.rhs_factors = self._factors_with(other)
         return self
 
     def __radd__(self, other):
@@ -364,11 +425,16 @@ def binned_measure(spectrum, bins_per_decade=BINS_PER_DECADE):
     return centres.float().double().cpu().numpy(), pooled.float().double().cpu().numpy()
 
 
+def replay_columns(weights, rows=REPLAY_ROWS, seed=REPLAY_SEED):
+    """[rows, len(weights)] seeded gaussian columns scaled to ‖column k‖² = weights[k] (module docstring)."""
+    columns = np.random.default_rng(seed).standard_normal((rows, len(weights)))
+    return columns * np.sqrt(weights / (columns * columns).sum(0))
+
+
 def solve_like_lbfgs(stats, iterations, rcond=DEFAULT_RCOND, dtype=torch.float32, eigh=torch.linalg.eigh):
     """Least-change D reaching the objective the original's L-BFGS reaches in `iterations` steps
-    from W0, as replayed in float64: the replayed run's fit with less change than it (Pareto
-    property); the original's float32 run may stop at a worse fit. Returns (D, info);
-    info['lbfgs_objective'] is the predicted objective."""
+    from W0 (replayed on the spectrum, module docstring): the original's fit with less change than
+    it (Pareto property). Returns (D, info); info['lbfgs_objective'] is the predicted objective."""
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     spectrum = _spectrum(stats, rcond, eigh)
@@ -377,7 +443,8 @@ def solve_like_lbfgs(stats, iterations, rcond=DEFAULT_RCOND, dtype=torch.float32
         mean_over = max(stats.rows, 1) * stats.d_out
         first_gradient_l1 = float(torch.tensor(2.0 * float(stats.rhs.abs().sum()) / mean_over, dtype=torch.float32))
         eigvals, weights = binned_measure(spectrum)
-        share = lbfgs_excess(eigvals, weights, mean_over, first_gradient_l1, iterations) / float((weights / eigvals).sum())
+        columns = replay_columns(weights)
+        share = lbfgs_excess(eigvals, columns, mean_over, first_gradient_l1, iterations) / float((weights / eigvals).sum())
         excess = share * spectrum.reducible
     change, info = _solution(stats, spectrum, _lambda_for_excess(spectrum, excess), dtype)
     info["lbfgs_objective"] = info["optimum"] + excess

@@ -9,7 +9,10 @@ the eigenvalues weighted by s_k. So the run is the same, step for step, on
 
     x ∈ R^rank,  f(x) − f* = Σ_k Λ_k x_k² − 2 √s_k x_k + s_k / Λ_k,   gradient 2(Λ x − √s)/N,
 
-which costs O(rank) per evaluation. Two quantities torch reads in coordinates are carried over
+which costs O(rank) per evaluation. The same holds with x a [rows, rank] matrix whose column k
+has squared norm s_k (the weight space itself is such a problem, with d_out rows: D Q = R̃ diag(p)),
+and with more than one row the replay behaves like the weight-space run under rounding
+(fusion_solver.replay_columns). Two quantities torch reads in coordinates are carried over
 from the weight space: the first trial step min(1, 1/‖g‖₁)·lr, with ‖g‖₁ = 2‖R‖₁/N at W0 (passed
 in), and the max-norms compared with 1e-16 (never reached in practice). This module ports
 torch.optim.lbfgs (step and _strong_wolfe) to float64 numpy line by line; tests check it against
@@ -24,17 +27,19 @@ MAX_LINE_SEARCH = 25
 
 
 class SpectralProblem:
-    """f − f* and its gradient (both divided by N) on x, tracking the lowest excess evaluated."""
+    """f − f* and its gradient (both divided by N) on x, tracking the lowest excess evaluated.
+    weights: s_k (one coordinate per eigenvalue), or columns [rows, rank] with ‖column k‖² = s_k."""
 
     def __init__(self, eigvals, weights, mean_over):
         self.eigvals = np.asarray(eigvals, dtype=np.float64)
-        self.rhs = np.sqrt(np.asarray(weights, dtype=np.float64))
-        self.reducible = float(np.sum(np.asarray(weights, dtype=np.float64) / self.eigvals))
+        weights = np.asarray(weights, dtype=np.float64)
+        self.rhs = weights if weights.ndim == 2 else np.sqrt(weights)
+        self.reducible = float(np.sum(self.rhs * self.rhs / self.eigvals))
         self.mean_over = float(mean_over)
         self.best = self.reducible
 
     def evaluate(self, x):
-        excess = float(np.dot(self.eigvals * x - 2.0 * self.rhs, x)) + self.reducible
+        excess = float(np.vdot(self.eigvals * x - 2.0 * self.rhs, x)) + self.reducible
         self.best = min(self.best, excess)
         return excess / self.mean_over, 2.0 * (self.eigvals * x - self.rhs) / self.mean_over
 
@@ -57,7 +62,7 @@ def _strong_wolfe(evaluate, x, t, d, f, g, gtd, max_ls):
     """torch.optim.lbfgs._strong_wolfe: (f, g, t, evaluations)."""
     d_norm = np.abs(d).max()
     f_new, g_new = evaluate(x + t * d)
-    evals, gtd_new = 1, float(np.dot(g_new, d))
+    evals, gtd_new = 1, float(np.vdot(g_new, d))
     t_prev, f_prev, g_prev, gtd_prev = 0, f, g, gtd
     done, ls_iter = False, 0
     while ls_iter < max_ls:
@@ -76,7 +81,7 @@ def _strong_wolfe(evaluate, x, t, d, f, g, gtd, max_ls):
         f_prev, g_prev, gtd_prev = f_new, g_new, gtd_new
         f_new, g_new = evaluate(x + t * d)
         evals += 1
-        gtd_new = float(np.dot(g_new, d))
+        gtd_new = float(np.vdot(g_new, d))
         ls_iter += 1
     if ls_iter == max_ls:
         bracket, bracket_f, bracket_g = [0, t], [f, f_new], [g, g_new]
@@ -98,7 +103,7 @@ def _strong_wolfe(evaluate, x, t, d, f, g, gtd, max_ls):
             insuf_progress = False
         f_new, g_new = evaluate(x + t * d)
         evals += 1
-        gtd_new = float(np.dot(g_new, d))
+        gtd_new = float(np.vdot(g_new, d))
         ls_iter += 1
         if f_new > (f + C1 * t * gtd) or f_new >= bracket_f[low_pos]:
             bracket[high_pos], bracket_f[high_pos], bracket_g[high_pos], bracket_gtd[high_pos] = t, f_new, g_new, gtd_new
@@ -117,11 +122,11 @@ def _direction(g, old_dirs, old_stps, ro, h_diag):
     """The two-loop recursion: −H g."""
     q, al = -g, [0.0] * len(old_dirs)
     for i in range(len(old_dirs) - 1, -1, -1):
-        al[i] = float(np.dot(old_stps[i], q)) * ro[i]
+        al[i] = float(np.vdot(old_stps[i], q)) * ro[i]
         q = q - al[i] * old_dirs[i]
     r = q * h_diag
     for i in range(len(old_dirs)):
-        be_i = float(np.dot(old_dirs[i], r)) * ro[i]
+        be_i = float(np.vdot(old_dirs[i], r)) * ro[i]
         r = r + (al[i] - be_i) * old_stps[i]
     return r
 
@@ -142,16 +147,16 @@ def lbfgs_excess(eigvals, weights, mean_over, first_gradient_l1, max_iter):
             d = -g
         else:
             y, s = g - prev_g, d * t
-            ys = float(np.dot(y, s))
+            ys = float(np.vdot(y, s))
             if ys > 1e-10:
                 if len(old_dirs) == HISTORY:
                     old_dirs.pop(0), old_stps.pop(0), ro.pop(0)
                 old_dirs.append(y), old_stps.append(s), ro.append(1.0 / ys)
-                h_diag = ys / float(np.dot(y, y))
+                h_diag = ys / float(np.vdot(y, y))
             d = _direction(g, old_dirs, old_stps, ro, h_diag)
         prev_g, prev_loss = g, loss
         t = min(1.0, 1.0 / first_gradient_l1) if n_iter == 1 else 1.0
-        gtd = float(np.dot(g, d))
+        gtd = float(np.vdot(g, d))
         if gtd > -TOLERANCE:
             break
         loss, g, t, ls_evals = _strong_wolfe(problem.evaluate, x, t, d, loss, g, gtd, max_eval - evals)

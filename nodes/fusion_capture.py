@@ -29,14 +29,6 @@ def fusion_prompts(words):
     return [f"photo of a {phrase}", phrase]
 
 
-def shared_input(path):
-    """attn1 to_q/to_k/to_v see the same input, so one Gram serves all three."""
-    for lin in (".attn1.to_k", ".attn1.to_v"):
-        if path.endswith(lin):
-            return path[: -len(lin)] + ".attn1.to_q"
-    return path
-
-
 class GramHooks:
     """Forward pre-hooks accumulating input Grams of modules {name: module}. Hooks are removed
     on exit (clones share modules)."""
@@ -88,10 +80,11 @@ def layer_copies(clip, words):
 
 
 def capture_text_encoder(clip, words, paths):
-    """Stage A Grams {path: GramAccumulator} on `clip` (concept i's LoRA-merged encoder)."""
-    with GramHooks(text_modules(clip, paths)) as hooks:
+    """Stage A Grams {path: GramAccumulator} on `clip` (concept i's LoRA-merged encoder), one per
+    distinct layer input (q/k/v share theirs)."""
+    with GramHooks(text_modules(clip, sorted({sd15.input_group(p) for p in paths}))) as hooks:
         clip.encode_from_tokens({"l": layer_copies(clip, words)})
-    return hooks.grams
+    return {p: hooks.grams[sd15.input_group(p)] for p in paths}
 
 
 KV_POSITIONS = ("all", "concept_and_eos")
@@ -124,8 +117,8 @@ def capture_spatial(model, clip, words, paths, key_of, steps, resolution, seed, 
         comfy.model_management.throw_exception_if_processing_interrupted()
         on_step()
 
-    modules = unet_modules(model, sorted({shared_input(p) for p in paths}), key_of)
+    modules = unet_modules(model, sorted({sd15.input_group(p) for p in paths}), key_of)
     with GramHooks(modules) as hooks:
         comfy.sample.sample(model, noise, steps, 1.0, "dpmpp_2m", "normal", positive, positive,
                             torch.zeros_like(noise), seed=seed, callback=callback, disable_pbar=True)
-    return {p: hooks.grams[shared_input(p)] for p in paths}
+    return {p: hooks.grams[sd15.input_group(p)] for p in paths}

@@ -28,6 +28,9 @@ METHODS = ("gradient", "weight_average", "custom_diffusion", "orthogonal")
 TEXT, UNET = "text_encoder", "unet"
 REGULARIZATION_CAPTIONS = 200
 LAMBDA_RULES = ("tolerance", "match_lbfgs")
+DEFAULT_LAMBDA_RULE = "match_lbfgs"
+# a graph saved before lambda_rule existed has no value for it and ran the tolerance rule
+LAMBDA_RULE_WHEN_ABSENT = "tolerance"
 # the original's L-BFGS iterations per layer: text encoder and cross-attention k/v 500, other UNet layers 50
 ORIGINAL_ITERATIONS = {"text": 500, "kv": 500, "spatial": 50}
 
@@ -241,15 +244,18 @@ def concept_clip(clip, concept):
 
 class KVGrams:
     """Stage B Grams of the k/v paths from per-layer rows, each formed when asked for (one
-    768² Gram at a time instead of all 32)."""
+    768² Gram at a time instead of all 32); k and v of a layer read the same rows and get one."""
 
     def __init__(self, rows_by_layer):
         self.rows_by_layer = rows_by_layer
+        self.layer, self.gram = None, None
 
     def __getitem__(self, path):
-        gram = GramAccumulator(sd15.TEXT_DIM)
-        gram.add(self.rows_by_layer[sd15.cross_attention_index(path)])
-        return gram
+        layer = sd15.cross_attention_index(path)
+        if layer != self.layer:
+            self.layer, self.gram = layer, GramAccumulator(sd15.TEXT_DIM)
+            self.gram.add(self.rows_by_layer[layer])
+        return self.gram
 
 
 def concept_label(stage, number, count, concept):
@@ -416,23 +422,23 @@ class GradientFuse:
                                             "concept_and_eos: the original's choice, only the concept tokens and "
                                             "the end token (more room for very many concepts)."}),
                 "fusion_tolerance": ("FLOAT", {"default": 1e-3, "min": 0.0, "max": 1.0, "step": 1e-4,
-                                               "tooltip": "With lambda_rule 'tolerance' (default): each layer keeps "
+                                               "tooltip": "Only with lambda_rule 'tolerance': each layer keeps "
                                                           "(1 − tolerance) of the reducible fusion objective while "
                                                           "moving its weights as little as possible. 0 = exact least "
                                                           "squares (can move weights wildly on rank-deficient layers)."}),
             },
             "optional": {
-                "lambda_rule": (list(LAMBDA_RULES), {"default": "tolerance",
-                                "tooltip": "tolerance: the fusion_tolerance rule. match_lbfgs (experimental): each "
-                                           "layer reaches the objective the original's L-BFGS would reach "
-                                           "(predicted in closed form) with the least weight change."}),
+                "lambda_rule": (list(LAMBDA_RULES), {"default": DEFAULT_LAMBDA_RULE,
+                                "tooltip": "match_lbfgs (default): each layer reaches the fit the original "
+                                           "Mix-of-Show L-BFGS would reach (predicted in closed form) with less "
+                                           "weight change. tolerance: the fusion_tolerance rule."}),
                 "fusion_stats": ("FUSION_STATS", {"tooltip": "Statistics of the fusion that produced this model "
                                                              "('Load Fused Model'): only the new concepts are captured."}),
             },
         }
 
     def fuse(self, model, clip, concepts, method, capture_steps, capture_resolution, seed, kv_positions,
-             fusion_tolerance, fusion_stats=None, lambda_rule="tolerance"):
+             fusion_tolerance, fusion_stats=None, lambda_rule=LAMBDA_RULE_WHEN_ABSENT):
         if lambda_rule not in LAMBDA_RULES:
             raise ValueError(f"lambda_rule: {lambda_rule!r} is not one of {', '.join(LAMBDA_RULES)}")
         tolerance = fusion_tolerance if lambda_rule == "tolerance" else None

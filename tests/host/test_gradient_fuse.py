@@ -172,9 +172,14 @@ def test_rename_gives_a_colliding_concept_new_words(concepts):
     assert "rename" in EDLoRAConcept.INPUT_TYPES()["required"]
 
 
-def test_lambda_rule_defaults_to_the_tolerance_and_can_match_lbfgs(tmp_path, model, clip, concepts):
+def test_lambda_rule_defaults_to_match_lbfgs_and_old_graphs_keep_the_tolerance(tmp_path, model, clip, concepts):
+    """New nodes get match_lbfgs; a graph saved before the input existed (no value) keeps the
+    tolerance rule it ran with, and 'tolerance' stays selectable."""
+    assert GradientFuse.INPUT_TYPES()["optional"]["lambda_rule"][1]["default"] == "match_lbfgs"
     node, quick = GradientFuse(), dict(CAPTURE, capture_steps=1, seed=0, kv_positions="all")
     default = node.fuse(model, clip, concepts[:2], "gradient", fusion_tolerance=1e-3, **quick)
+    explicit = node.fuse(model, clip, concepts[:2], "gradient", fusion_tolerance=1e-3, lambda_rule="tolerance", **quick)
+    assert explicit[2].tolerance == 1e-3
     matched = node.fuse(model, clip, concepts[:2], "gradient", fusion_tolerance=1e-3, lambda_rule="match_lbfgs",
                         **quick)
     assert default[2].tolerance == 1e-3 and matched[2].tolerance is None
