@@ -8,7 +8,9 @@ fused layer, each concept's captured input rows X_i and its α·ΔW_i. Per layer
 original's solve on exactly those rows (fusion_solver.lbfgs_reference: torch.optim.LBFGS in float32,
 history 25, strong Wolfe, 500 iterations for text and k/v layers, 50 for the others, from W0 on
 F.mse_loss over the rows with targets X_i (W0 + ΔW_i)ᵀ, lowest loss kept) and compares, on the
-Gram statistics of the same rows (objective in float64):
+Gram statistics of the same rows (objective in float64). Text layers (3 x 2464 rows of 768) take
+minutes each that way, so unless --text-on-rows they run the same L-BFGS on the Gram's rank rows
+(bench_fusion.GramLBFGS: the identical objective, rows X̃ = Λ^½Qᵀ, float32, from W0):
 
     match_lbfgs        the default rule (frontier point at the replayed L-BFGS objective)
     1-row replay       the previous version of that rule (one coordinate per eigenvalue)
@@ -32,6 +34,7 @@ _bootstrap.add_host(cpu=True)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench_fusion import GramLBFGS  # noqa: E402
 from comfyui_mixofshow.harness import models  # noqa: E402
 from comfyui_mixofshow.harness.fusion_checks import CAPTURE, loaded_weights, seeded_concepts  # noqa: E402
 from comfyui_mixofshow.mixofshow_core import fusion_solver as fs  # noqa: E402
@@ -112,14 +115,17 @@ def one_row_replay(stats, iters):
     return fs.solve_to_objective(stats, stats.energy - spectrum.reducible + share * spectrum.reducible)[0]
 
 
-def compare_layer(layer, stage, with_float64):
+def compare_layer(name, layer, stage, with_float64, on_rows):
     w0, xs, deltas = layer["w0"], layer["xs"], layer["deltas"]
     iters = gradient_fuse.ORIGINAL_ITERATIONS[stage]
     stats = sum(fs.LayerStats.from_concept(x.double().T @ x.double(), d) for x, d in zip(xs, deltas))
     stats.rows = sum(x.shape[0] for x in xs)
     targets = [x @ (w0 + d).T for x, d in zip(xs, deltas)]
     start = time.process_time()
-    w32, _ = fs.lbfgs_reference(xs, targets, w0, iters)
+    if on_rows:
+        w32, _ = fs.lbfgs_reference(xs, targets, w0, iters)
+    else:
+        w32 = w0 + GramLBFGS({name: w0})(name, stats, None, "all")
     lbfgs_cpu = time.process_time() - start
     reference = (fs.objective(stats, w32 - w0), float((w32 - w0).double().norm()))
     start = time.process_time()
@@ -167,6 +173,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-stage", type=int, default=None, help="first N layers of each stage (default all)")
     parser.add_argument("--float64", type=int, default=0, help="also L-BFGS in float64 on the first N per stage")
+    parser.add_argument("--text-on-rows", action="store_true", help="text layers' L-BFGS on the captured rows too")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -179,7 +186,8 @@ def main():
     results = {}
     for stage, names in by_stage.items():
         for index, name in enumerate(names[:args.per_stage]):
-            results[(stage, name)] = compare_layer(layers[name], stage, index < args.float64)
+            on_rows = stage != "text" or args.text_on_rows
+            results[(stage, name)] = compare_layer(name, layers[name], stage, index < args.float64, on_rows)
             print(f"  done: {name}", flush=True)
     report(results)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

@@ -72,8 +72,11 @@ replay then gets much further than any weight-space run (on a captured k/v layer
 objective than torch's L-BFGS in float64 and float32 alike, which agree to 1 %, and 1.8x the change).
 So the replay runs on REPLAY_ROWS rows, seeded columns in general position with ‖column k‖² = s_k
 (replay_columns): exact arithmetic takes the same steps, and under rounding it lands within a few
-per cent of the weight-space runs, slightly below them (bench_fusion_layers.py measures it per layer
-against torch's float32 L-BFGS on captured layers).
+per cent of the weight-space runs. Where a run ends is itself a matter of rounding (two float64 runs
+from W0 and from 0 differ by up to 15 % on short-history spatial layers), so the rule replays with
+three column seeds and takes the least progress of the three (the highest objective): on layers
+captured from a real fusion it then dominates torch's float32 L-BFGS (objective ≤ and change ≤) on
+32/32 k/v and 89/96 spatial layers, against 82/96 with one seed (bench_fusion_layers.py).
 """
 import math
 from dataclasses import dataclass
@@ -87,7 +90,7 @@ from .spectral_lbfgs import lbfgs_excess
 DEFAULT_RCOND = 1e-12
 BINS_PER_DECADE = 1000   # eigenvalue bins of ~0.23 % width for the L-BFGS replay
 REPLAY_ROWS = 16         # rows of the replay's columns (8 already behave like d_out; module docstring)
-REPLAY_SEED = 0
+REPLAY_SEEDS = (0, 1, 2)  # three replays; the rule takes the least progress of them
 _BISECTION_STEPS = 200
 _BISECTION_RELATIVE_WIDTH = 1e-12
 
@@ -108,19 +111,17 @@ def as_weight_matrix(weight):
     raise ValueError(f"expected a [d_out, d_in] or [d_out, d_in, 1, 1] weight, got shape {tuple(weight.shape)}")
 
 
-BLOCK_ROWS = 1024   # rows per float32 partial Gram (GramAccumulator)
-FLOAT32_UNIT_ROUNDOFF = 2.0 ** -24
+BLOCK_ROWS = 4096   # rows promoted to float64 at a time (GramAccumulator)
 
 
 class GramAccumulator:
     """Streams input rows into G = Σ xᵀx (float64, on the first input's device) and counts them.
 
-    Float64 rows are accumulated in float64. Other rows are multiplied in float32 (half-precision
-    rows promoted block by block), BLOCK_ROWS rows at a time, and each block's partial Gram is
-    added to the float64 sum: no float64 copy of the activations, no float64 product. Rounding
-    bound (any summation order): for a block of B rows, |fl(Σ x_i x_j) − Σ x_i x_j| ≤ γ_B Σ |x_i||x_j|
-    with γ_B = B·u/(1 − B·u), u = 2⁻²⁴ (about 6·10⁻⁵ relative for B = 1024, usually far less),
-    plus float64 rounding of the block sums (error_bound)."""
+    Rows are promoted to float64 BLOCK_ROWS at a time, so no float64 copy of a whole activation is
+    made. The products are float64 on purpose: float32 partial Grams (measured) add rounding noise
+    of ~10⁻⁷·Λ_max in the null space of rank-deficient Grams (text and k/v layers), which the solve
+    then fits, and incremental fusion no longer equals fusing from scratch (k/v 2 % apart instead of
+    < 0.1 %). Products of float32 (or half) values are exact in float64."""
 
     def __init__(self, d_in):
         self.d_in = d_in
@@ -133,41 +134,15 @@ class GramAccumulator:
             raise ValueError(f"input rows have width {x.shape[-1]}, accumulator expects d_in={self.d_in}")
         if self.rows == 0:
             self.gram = self.gram.to(x.device)
-        rows = x.detach().reshape(-1, self.d_in).to(device=self.gram.device)
-        if rows.dtype == torch.float64:
-            self.gram.addmm_(rows.T, rows)
-        else:
-            with _full_float32_matmul():
-                for block in rows.split(BLOCK_ROWS):
-                    block = block.float()
-                    self.gram.add_(block.T @ block)
+        rows = x.detach().reshape(-1, self.d_in)
+        for block in rows.split(BLOCK_ROWS):
+            block = block.to(device=self.gram.device, dtype=torch.float64)
+            self.gram.addmm_(block.T, block)
         self.rows += rows.shape[0]
 
     def add_conv(self, x):
         """Add a [B, C, H, W] input of a 1x1 conv (rows of C)."""
         self.add(conv_input_rows(x))
-
-    @staticmethod
-    def error_bound(rows):
-        """Elementwise bound on |G − XᵀX| for rows X added in one call (class docstring)."""
-        rows = rows.detach().reshape(-1, rows.shape[-1]).double().abs()
-        if rows.shape[0] == 0:
-            return torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64)
-        block = min(BLOCK_ROWS, rows.shape[0])
-        gamma = block * FLOAT32_UNIT_ROUNDOFF / (1 - block * FLOAT32_UNIT_ROUNDOFF)
-        blocks = -(-rows.shape[0] // BLOCK_ROWS)
-        return (gamma + blocks * 2.0 ** -52) * (rows.T @ rows)
-
-
-class _full_float32_matmul:
-    """Disables TF32 (10-bit mantissa) float32 matmuls on CUDA for the block products."""
-
-    def __enter__(self):
-        self.saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.saved
 
 
 def _gram_copy(gram):
@@ -425,7 +400,7 @@ def binned_measure(spectrum, bins_per_decade=BINS_PER_DECADE):
     return centres.float().double().cpu().numpy(), pooled.float().double().cpu().numpy()
 
 
-def replay_columns(weights, rows=REPLAY_ROWS, seed=REPLAY_SEED):
+def replay_columns(weights, rows=REPLAY_ROWS, seed=0):
     """[rows, len(weights)] seeded gaussian columns scaled to ‖column k‖² = weights[k] (module docstring)."""
     columns = np.random.default_rng(seed).standard_normal((rows, len(weights)))
     return columns * np.sqrt(weights / (columns * columns).sum(0))
@@ -443,8 +418,8 @@ def solve_like_lbfgs(stats, iterations, rcond=DEFAULT_RCOND, dtype=torch.float32
         mean_over = max(stats.rows, 1) * stats.d_out
         first_gradient_l1 = float(torch.tensor(2.0 * float(stats.rhs.abs().sum()) / mean_over, dtype=torch.float32))
         eigvals, weights = binned_measure(spectrum)
-        columns = replay_columns(weights)
-        share = lbfgs_excess(eigvals, columns, mean_over, first_gradient_l1, iterations) / float((weights / eigvals).sum())
+        share = max(lbfgs_excess(eigvals, replay_columns(weights, seed=seed), mean_over, first_gradient_l1, iterations)
+                    for seed in REPLAY_SEEDS) / float((weights / eigvals).sum())
         excess = share * spectrum.reducible
     change, info = _solution(stats, spectrum, _lambda_for_excess(spectrum, excess), dtype)
     info["lbfgs_objective"] = info["optimum"] + excess
