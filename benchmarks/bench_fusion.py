@@ -100,22 +100,23 @@ class GramLBFGS:
         rows = spectrum.eigvals.sqrt()[:, None] * spectrum.basis.T
         targets = rows @ w0.T + (spectrum.rhs_rot / spectrum.eigvals.sqrt()).T
         optimum = max(stats.energy - spectrum.reducible, 0.0)
-        x, y, start = rows.float(), targets.float(), w0.float()
-        weight = start.clone().requires_grad_(True)
-        optimizer = torch.optim.LBFGS([weight], lr=1, max_iter=gradient_fuse.ORIGINAL_ITERATIONS[gradient_fuse.layer_stage(name)],
-                                      history_size=25, line_search_fn="strong_wolfe", tolerance_grad=1e-16,
-                                      tolerance_change=1e-16)
-        mean_over, best = max(stats.rows, 1) * stats.d_out, {"loss": math.inf, "weight": start.clone()}
-
-        def closure():
-            optimizer.zero_grad()
-            loss = (((x @ weight.T - y) ** 2).sum() + optimum) / mean_over
-            loss.backward()
-            if loss.item() < best["loss"]:
-                best["loss"], best["weight"] = loss.item(), weight.detach().clone()
-            return loss
-
+        iterations = gradient_fuse.ORIGINAL_ITERATIONS[gradient_fuse.layer_stage(name)]
+        # ComfyUI runs nodes in inference mode, whose tensors autograd cannot save: fresh copies
         with torch.inference_mode(False), torch.enable_grad():
+            x, y, start = rows.float().clone(), targets.float().clone(), w0.float().clone()
+            weight = start.clone().requires_grad_(True)
+            optimizer = torch.optim.LBFGS([weight], lr=1, max_iter=iterations, history_size=25,
+                                          line_search_fn="strong_wolfe", tolerance_grad=1e-16, tolerance_change=1e-16)
+            mean_over, best = max(stats.rows, 1) * stats.d_out, {"loss": math.inf, "weight": start.clone()}
+
+            def closure():
+                optimizer.zero_grad()
+                loss = (((x @ weight.T - y) ** 2).sum() + optimum) / mean_over
+                loss.backward()
+                if loss.item() < best["loss"]:
+                    best["loss"], best["weight"] = loss.item(), weight.detach().clone()
+                return loss
+
             optimizer.step(closure)
         return best["weight"] - start
 

@@ -4,12 +4,12 @@
 
 One process, one run (the numbers below come from the same run):
   1. Gram-capture overhead of one 512 px sampling step (the whole UNet, batch 1): the step without
-     hooks, with the capture's hooks (float32 blocks, one Gram per distinct input) and with the
-     previous hooks (a float64 copy of every activation, one Gram per layer), median of 2.
+     hooks and with the spatial capture's hooks, median of 2.
   2. Gradient Fuse, three seeded ED-LoRAs (rank 4), 20 capture steps at 128 px, default rule:
      process CPU seconds and wall seconds of the whole fusion, and peak RSS (sampled every 2 ms)
      against the RSS of the loaded model.
-  3. The original's solve on the same captured statistics: torch.optim.LBFGS with its settings
+  3. The .fusionstats file of that fusion (format 2) against format 1's dense float64 layout.
+  4. The original's solve on the same captured statistics: torch.optim.LBFGS with its settings
      (float32, history 25, strong Wolfe, 500 / 500 / 50 iterations) on the first N layers of each
      stage (GramLBFGS of bench_fusion.py), timed per layer and extrapolated to all layers of the stage.
 `--tiny` runs the same on the 32-channel test model (seconds; checks the script).
@@ -17,6 +17,7 @@ One process, one run (the numbers below come from the same run):
 import argparse
 import os
 import statistics
+import tempfile
 import threading
 import time
 
@@ -35,7 +36,7 @@ from bench_fusion import GramLBFGS  # noqa: E402
 from comfyui_mixofshow.harness import models  # noqa: E402
 from comfyui_mixofshow.harness.fusion_checks import seeded_concepts  # noqa: E402
 from comfyui_mixofshow.mixofshow_core import sd15  # noqa: E402
-from comfyui_mixofshow.mixofshow_core.fusion_solver import GramAccumulator  # noqa: E402
+from comfyui_mixofshow.mixofshow_core.fusion_stats import save_fusion_stats  # noqa: E402
 from comfyui_mixofshow.nodes import gradient_fuse  # noqa: E402
 from comfyui_mixofshow.nodes.edlora_text_encode import encode_layerwise  # noqa: E402
 from comfyui_mixofshow.nodes.fusion_capture import GramHooks, unet_modules  # noqa: E402
@@ -44,17 +45,6 @@ from comfyui_mixofshow.nodes.model_keys import clip_weight_keys, unet_weight_key
 FULL_UNET = dict(models.TINY_UNET, model_channels=320)
 FULL_CLIP_LAYERS = 12
 GIB = 2 ** 30
-
-
-class Float64Accumulator(GramAccumulator):
-    """The previous accumulation: every activation copied to float64, one float64 product."""
-
-    def add(self, x):
-        if self.rows == 0:
-            self.gram = self.gram.to(x.device)
-        rows = x.detach().reshape(-1, self.d_in).to(device=self.gram.device, dtype=torch.float64)
-        self.gram.addmm_(rows.T, rows)
-        self.rows += rows.shape[0]
 
 
 class PeakRSS:
@@ -106,28 +96,9 @@ def capture_overhead(model, clip, concepts, resolution):
     key_of = unet_weight_keys(model)
     cond = encode_layerwise(clip, "photo of a dog")
     distinct = unet_modules(model, sorted({sd15.input_group(p) for p in paths}), key_of)
-    every = unet_modules(model, paths, key_of)
 
-    def hooked(modules, accumulator):
-        def context():
-            saved = GramAccumulator.add
-            if accumulator is not GramAccumulator:
-                GramAccumulator.add = accumulator.add
-            hooks = GramHooks(modules)
-
-            class Restoring:
-                def __enter__(self):
-                    hooks.__enter__()
-
-                def __exit__(self, *exc):
-                    hooks.__exit__(*exc)
-                    GramAccumulator.add = saved
-            return Restoring()
-        return context
-
-    variants = {"no hooks": lambda: _Nothing(), "Gram hooks (float32 blocks, per distinct input)":
-                hooked(distinct, GramAccumulator),
-                "previous hooks (float64 copies, per layer)": hooked(every, Float64Accumulator)}
+    variants = {"no hooks": _Nothing, "Gram hooks (float64 Gram per distinct input, rows promoted in blocks)":
+                lambda: GramHooks(distinct)}
     one_step(model, cond, resolution, variants["no hooks"])   # warm-up: loads the model
     return {name: statistics.median(one_step(model, cond, resolution, v) for _ in range(2))
             for name, v in variants.items()}
@@ -147,6 +118,15 @@ def fusion_cost(model, clip, concepts, resolution, steps):
         stats = gradient_fuse.fuse(model, clip, concepts, "gradient", capture_steps=steps,
                                    capture_resolution=resolution, seed=0, tolerance=None)[2]
     return clock, peak.peak, stats
+
+
+def stats_sizes(stats):
+    """(bytes of the format-2 file, bytes format 1 would take: dense float64 G and R per layer)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "cost.fusionstats")
+        save_fusion_stats(stats, path)
+        written = os.path.getsize(path)
+    return written, sum(8 * layer.d_in * (layer.d_in + layer.d_out) for layer in stats.layers.values())
 
 
 def lbfgs_cost(model, clip, stats, per_stage):
@@ -197,6 +177,9 @@ def main():
     print(f"\n### Gradient Fuse, 3 concepts, {args.steps} capture steps at 128 px, default rule\n")
     print(f"CPU {clock.cpu:.0f} s, wall {clock.wall:.0f} s; RSS of the loaded model {model_rss / GIB:.2f} GiB, "
           f"peak {peak / GIB:.2f} GiB (+{(peak - model_rss) / GIB:.2f} GiB)")
+    written, dense = stats_sizes(stats)
+    print(f"\n.fusionstats: {written / 2 ** 20:.0f} MiB (format 2) vs {dense / 2 ** 20:.0f} MiB of dense float64 "
+          f"G and R (format 1), {dense / written:.1f}x smaller")
     print("\n### The original's L-BFGS on the same statistics (CPU s, extrapolated per stage)\n")
     print("| stage | layers timed | CPU s per layer | layers | stage total (extrapolated) |")
     print("|---|---|---|---|---|")

@@ -18,7 +18,8 @@ minutes each that way, so unless --text-on-rows they run the same L-BFGS on the 
 
 A rule dominates L-BFGS on a layer when its objective ≤ L-BFGS's and ‖ΔW‖ ≤ L-BFGS's. `--per-stage N`
 takes the first N layers of each stage (default: all; text layers cost ~10-40 s of L-BFGS each);
-`--float64 N` also runs L-BFGS in float64 on the first N layers of each stage.
+`--float64 N` also runs L-BFGS in float64 on the rows of the first N layers of each stage (not text
+layers run on the Gram's rows).
 """
 import argparse
 import math
@@ -133,7 +134,7 @@ def compare_layer(name, layer, stage, with_float64, on_rows):
     rule_cpu = time.process_time() - start
     rules = {"match_lbfgs": default, "1-row replay": one_row_replay(stats, iters),
              "tolerance 1e-3": fs.solve(stats, 1e-3)[0]}
-    if with_float64:
+    if with_float64 and on_rows:
         w64 = lbfgs_float64(xs, targets, w0, iters)
         rules["L-BFGS float64"] = (w64 - w0.double()).float()
     ratios = {name: (fs.objective(stats, change) / reference[0], float(change.double().norm()) / reference[1])
