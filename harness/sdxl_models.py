@@ -4,7 +4,7 @@ host's own SDXL classes (`supported_models.SDXL`, `model_base.SDXL`, `sdxl_clip`
 
 Needs ComfyUI on sys.path. Two sizes:
 - `tiny_sdxl_model` / `tiny_sdxl_clip`: in-process MODEL/CLIP for unit tests (UNet widths 32/64/128,
-  full-width 3-layer encoders: the context stays 2048 wide and the pooled output 1280).
+  full-width 3-layer encoders with narrow MLPs: the context stays 2048 wide and the pooled output 1280).
 - `write_sdxl_checkpoint`: a single-file checkpoint CheckpointLoaderSimple detects as SDXL. Detection
   needs model_channels 320, transformer depths [0, 0, 2, 2, 10, 10], context 2048 and ADM 2816; the
   channel multipliers are not checked, so every level stays 320 wide. The host always builds the
@@ -26,8 +26,8 @@ TINY_SDXL_UNET = dict(use_checkpoint=False, image_size=32, use_spatial_transform
                       transformer_depth_middle=10, context_dim=2048, use_linear_in_transformer=True,
                       use_temporal_resblock=False, use_temporal_attention=False)
 CHECKPOINT_SDXL_UNET = dict(TINY_SDXL_UNET, model_channels=320, channel_mult=[1, 1, 1])
-TINY_CLIP_L = dict(TINY_CLIP, num_hidden_layers=3)
-TINY_CLIP_G = dict(TINY_CLIP, hidden_act="gelu", hidden_size=1280, intermediate_size=2560, num_attention_heads=20,
+TINY_CLIP_L = dict(TINY_CLIP, num_hidden_layers=3, intermediate_size=512)
+TINY_CLIP_G = dict(TINY_CLIP, hidden_act="gelu", hidden_size=1280, intermediate_size=512, num_attention_heads=20,
                    num_hidden_layers=3, projection_dim=1280, bos_token_id=0)
 
 
@@ -103,13 +103,18 @@ def tiny_sdxl_clip(seed=1):
 def sdxl_checkpoint_state(seed=0, dtype=torch.float16):
     """ldm single-file state dict of the detectable SDXL checkpoint, laid out by the host's own
     state_dict_for_saving (so clip_g is in OpenCLIP layout, as real SDXL files are)."""
+    import comfy.model_base
     import comfy.sdxl_clip
+    import comfy.supported_models
     import comfy.taesd.taesd
-    unet = _sdxl_unet(CHECKPOINT_SDXL_UNET, seed)
+    # built on the meta device and given seeded `dtype` weights: no float32 copy of the ~1 B parameters
+    model_config = comfy.supported_models.SDXL(dict(CHECKPOINT_SDXL_UNET))
+    model_config.set_inference_dtype(dtype, None)
+    unet = comfy.model_base.SDXL(model_config, device="meta")
+    unet.load_state_dict(seeded_state(unet.state_dict(), seed, dtype), strict=True, assign=True)
     clip = seeded_state(comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=torch.float32).state_dict(), seed + 1, dtype)
-    vae = seeded_state(comfy.taesd.taesd.TAESD().state_dict(), seed + 2)
-    state = unet.state_dict_for_saving(clip, vae)
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    vae = seeded_state(comfy.taesd.taesd.TAESD().state_dict(), seed + 2, dtype)
+    return unet.state_dict_for_saving(clip, vae)
 
 
 def write_sdxl_checkpoint(path, seed=0):

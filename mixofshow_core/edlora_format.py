@@ -7,18 +7,24 @@ Original `.pth` (notes §2.1), optionally wrapped in {'params': ...}:
   research-branch files use '<path>_lora.down.weight' / '<path>_lora.up.weight'.
   ΔW = α · up @ down, with no division by rank.
 
-Our `.safetensors` format (version 1) uses kohya-style LoRA keys, so ComfyUI's stock
-LoraLoader can also read its LoRA part:
+Our `.safetensors` format uses kohya-style LoRA keys, so ComfyUI's stock LoraLoader can also
+read its LoRA part:
     lora_unet_<diffusers path, '.'→'_'>.lora_down.weight / .lora_up.weight / .alpha
-    lora_te_<HF path, '.'→'_'>.lora_down.weight / .lora_up.weight / .alpha
-    edlora_embedding.<word>: [16, 768]
+    lora_te_<HF path, '.'→'_'>.lora_down.weight / ...        (SD1.5's one text encoder)
+    lora_te1_ / lora_te2_<HF path>...                         (SDXL: clip_l / clip_g)
+    edlora_embedding.<word>: [rows, context width]  ([16, 768] on SD1.5; SDXL: clip_l ‖ clip_g
+                             columns, [70, 2048] per block or [11, 2048] per spatial transformer)
   `.alpha` holds the rank, so the kohya scale alpha/rank is 1 and ΔW = α · up @ down as in
   the original. Metadata (all strings): mixofshow.format="edlora", mixofshow.format_version,
   mixofshow.concept_words (JSON list, in order), mixofshow.num_layers, mixofshow.rank,
-  mixofshow.text_dim, mixofshow.base_family="sd15", and mixofshow.source_key_style /
+  mixofshow.text_dim, mixofshow.base_family (families.FAMILIES: "sd15", "sdxl"), from version 2
+  mixofshow.granularity ("block" / "transformer", families.py), and mixofshow.source_key_style /
   mixofshow.source_wrapped, which let a converted `.pth` be written back exactly as it was.
   When a `.pth` copy is written beside it, mixofshow.pth_sha256 holds that file's hash: a `.pth`
   whose hash is not recorded in the same-name `.safetensors` is someone else's and is never replaced.
+Versions: 1 = SD1.5 at block granularity (what every SD1.5 file is, so SD1.5 files are still
+written as version 1 and earlier readers keep reading them); 2 adds the family and granularity.
+The original `.pth` layout exists for SD1.5 only.
 """
 import hashlib
 import io
@@ -26,22 +32,21 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import sd15
+from .families import FAMILIES, GRANULARITIES, SD15
 from .safe_io import (UnreadableFileError, atomic_write, file_sha256, read_safetensors, read_safetensors_metadata,
                       read_torch_weights, save_safetensors, save_torch)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SD15_FORMAT_VERSION = 1
 BASE_FAMILY = "sd15"
 EMBEDDING_PREFIX = "edlora_embedding."
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+UNET_KOHYA_PREFIX = "lora_unet_"
 KEY_STYLES = {"main": (".lora_down.weight", ".lora_up.weight"),
               "research": ("_lora.down.weight", "_lora.up.weight")}
-KNOWN_LAYERS = {"unet": frozenset(sd15.unet_lora_layers()),
-                "text_encoder": frozenset(sd15.text_lora_layers())}
 CONCEPT_WORD = re.compile(r"^<[\w\-.+]+>\Z")
 MAX_ALPHA_SCALE = 100.0  # kohya alpha/rank; ΔW is multiplied by it
 PTH_HASH_KEY = "mixofshow.pth_sha256"
@@ -74,14 +79,47 @@ class LoRALayer:
         return (alpha * self.scale * (up @ down)).reshape(self.weight_shape)
 
 
+def known_layers(family, part):
+    """Module paths an ED-LoRA of `family` may carry in `part` ("unet" or an encoder's file section)."""
+    if part == "unet":
+        return frozenset(family.unet_lora_layers())
+    encoder = next(e for e in family.encoders if e.file_section == part)
+    return frozenset(family.text_lora_layers(encoder))
+
+
+def _kohya_prefixes(family):
+    return {"unet": UNET_KOHYA_PREFIX, **{e.file_section: e.kohya_prefix for e in family.encoders}}
+
+
 @dataclass(frozen=True)
 class EDLoRA:
-    """One concept: per-layer embeddings for its words plus text-encoder and UNet LoRAs."""
-    embeddings: dict          # word -> [num_layers, text_dim], in concept order
+    """One concept: per-layer embeddings for its words plus text-encoder and UNet LoRAs.
+
+    embeddings rows follow `granularity` (families.py); text_encoder holds the first encoder's
+    LoRAs (clip_l), text_encoder_2 the second's (SDXL's clip_g)."""
+    embeddings: dict          # word -> [rows, context width], in concept order
     unet: dict                # diffusers module path -> LoRALayer
     text_encoder: dict        # HF module path (text_model.encoder...) -> LoRALayer
     name: str = "edlora"
     source: dict = field(default_factory=lambda: {"key_style": "main", "wrapped": True})
+    family: str = BASE_FAMILY
+    granularity: str = "block"
+    text_encoder_2: dict = field(default_factory=dict)
+
+    @property
+    def base(self):
+        """The families.Family this ED-LoRA was made for."""
+        return FAMILIES[self.family]
+
+    def text_parts(self):
+        """{file section: {HF module path: LoRALayer}} for every text encoder of the family."""
+        parts = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        return {e.file_section: parts[e.file_section] for e in self.base.encoders}
+
+    def layer_embeddings(self):
+        """word -> [cross-attention layers, context width]: row l feeds layer l."""
+        rows = self.base.layer_rows(self.granularity)
+        return {w: e[rows] for w, e in self.embeddings.items()}
 
     @property
     def words(self):
@@ -100,12 +138,11 @@ class EDLoRA:
         return max((layer.rank for layer in self.lora_layers()), default=0)
 
     def lora_layers(self):
-        return list(self.unet.values()) + list(self.text_encoder.values())
+        return list(self.unet.values()) + [layer for part in self.text_parts().values() for layer in part.values()]
 
     def renamed(self, mapping):
         """A copy whose words are renamed by `mapping` (old word -> new word)."""
-        embeddings = {mapping.get(w, w): e for w, e in self.embeddings.items()}
-        return EDLoRA(embeddings, self.unet, self.text_encoder, self.name, self.source)
+        return replace(self, embeddings={mapping.get(w, w): e for w, e in self.embeddings.items()})
 
 
 def load_edlora(path):
@@ -128,20 +165,23 @@ def save_edlora(edlora, path, extra_metadata=None):
     """Writes our `.safetensors` format atomically."""
     validate(edlora)
     tensors = {EMBEDDING_PREFIX + w: e.float() for w, e in edlora.embeddings.items()}
-    for part, layers in (("unet", edlora.unet), ("text_encoder", edlora.text_encoder)):
+    prefixes = _kohya_prefixes(edlora.base)
+    for part, layers in (("unet", edlora.unet), *edlora.text_parts().items()):
         for path_, layer in layers.items():
-            key = KOHYA_PREFIXES[part] + path_.replace(".", "_")
+            key = prefixes[part] + path_.replace(".", "_")
             tensors[key + ".lora_down.weight"] = layer.down
             tensors[key + ".lora_up.weight"] = layer.up
             tensors[key + ".alpha"] = torch.tensor(float(layer.rank * layer.scale))
+    version = SD15_FORMAT_VERSION if (edlora.family, edlora.granularity) == (BASE_FAMILY, "block") else FORMAT_VERSION
     metadata = {
         "mixofshow.format": "edlora",
-        "mixofshow.format_version": str(FORMAT_VERSION),
+        "mixofshow.format_version": str(version),
         "mixofshow.concept_words": json.dumps(edlora.words),
         "mixofshow.num_layers": str(edlora.num_layers),
         "mixofshow.rank": str(edlora.rank),
         "mixofshow.text_dim": str(edlora.text_dim),
-        "mixofshow.base_family": BASE_FAMILY,
+        "mixofshow.base_family": edlora.family,
+        **({"mixofshow.granularity": edlora.granularity} if version != SD15_FORMAT_VERSION else {}),
         "mixofshow.source_key_style": edlora.source.get("key_style", "main"),
         "mixofshow.source_wrapped": json.dumps(bool(edlora.source.get("wrapped", True))),
         **(extra_metadata or {}),
@@ -186,6 +226,9 @@ def save_edlora_original(edlora, path):
 
 
 def to_original_dict(edlora):
+    if edlora.family != BASE_FAMILY:
+        raise EDLoRAFormatError(f"{edlora.name}: the original .pth layout exists for SD1.5 only; "
+                                f"this {edlora.family} ED-LoRA is kept as .safetensors")
     down_suffix, up_suffix = KEY_STYLES[edlora.source.get("key_style", "main")]
     params = {"new_concept_embedding": {w: e.float().clone() for w, e in edlora.embeddings.items()}}
     for part, layers in (("text_encoder", edlora.text_encoder), ("unet", edlora.unet)):
@@ -196,30 +239,48 @@ def to_original_dict(edlora):
     return {"params": params} if edlora.source.get("wrapped", True) else params
 
 
+def expected_embedding_shape(family, granularity):
+    return (family.num_rows(granularity), family.context_dim)
+
+
 def validate(edlora):
-    """Structural checks that hold for any SD1.5 ED-LoRA, independent of the target model."""
+    """Structural checks that hold for any ED-LoRA of its family, independent of the target model."""
     name = edlora.name
+    _check_family(name, edlora.family, edlora.granularity)
+    family = edlora.base
     if not edlora.embeddings:
         raise EDLoRAFormatError(f"{name}: no concept embeddings (new_concept_embedding is empty)")
     for word, emb in edlora.embeddings.items():
         if not CONCEPT_WORD.match(word):
             raise EDLoRAFormatError(f"{name}: concept word {word!r} must look like <name> (letters, digits, _ - . + only)")
-        expected = (sd15.NUM_CROSS_ATTN_LAYERS, sd15.TEXT_DIM)
+        expected = expected_embedding_shape(family, edlora.granularity)
         if tuple(emb.shape) != expected:
+            widths = " ‖ ".join(f"{e.name} {e.width}" for e in family.encoders)
             raise EDLoRAFormatError(
                 f"{name}: embedding of {word} is {list(emb.shape)}, expected {list(expected)} "
-                f"(one 768-wide row per SD1.5 cross-attention layer); not an SD1.5 ED-LoRA")
+                f"(one {widths}-wide row per {family.name} {edlora.granularity}); not a {family.name} ED-LoRA "
+                f"at {edlora.granularity} granularity")
         if not torch.isfinite(emb).all():
             raise EDLoRAFormatError(f"{name}: embedding of {word} contains NaN or inf")
-    for part, layers in (("unet", edlora.unet), ("text_encoder", edlora.text_encoder)):
+    if edlora.text_encoder_2 and "text_encoder_2" not in edlora.text_parts():
+        raise EDLoRAFormatError(f"{name}: {family.name} has one text encoder, but the file has text_encoder_2 LoRAs")
+    for part, layers in (("unet", edlora.unet), *edlora.text_parts().items()):
         for path_, layer in layers.items():
-            _validate_layer(name, part, path_, layer)
+            _validate_layer(name, family, part, path_, layer)
 
 
-def _validate_layer(name, part, path_, layer):
+def _check_family(name, family, granularity):
+    if family not in FAMILIES:
+        raise EDLoRAFormatError(f"{name}: made for base model family {family!r}; this plugin supports "
+                                f"{', '.join(FAMILIES)}")
+    if granularity not in GRANULARITIES:
+        raise EDLoRAFormatError(f"{name}: granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+
+
+def _validate_layer(name, family, part, path_, layer):
     where = f"{name}: {part} layer {path_}"
-    if path_ not in KNOWN_LAYERS[part]:
-        raise EDLoRAFormatError(f"{name}: unknown {part} LoRA key {path_!r} (not an SD1.5 attention, "
+    if path_ not in known_layers(family, part):
+        raise EDLoRAFormatError(f"{name}: unknown {part} LoRA key {path_!r} (not an {family.name} attention, "
                                 f"projection or MLP layer)")
     down, up = layer.down, layer.up
     if down.dim() not in (2, 4) or up.dim() != down.dim():
@@ -288,9 +349,9 @@ def _pair_layers(name, part, tensors, suffixes):
             ups[key[:-len(up_suffix)]] = value
         else:
             raise EDLoRAFormatError(f"{name}: unknown {part} key {key!r} (expected *{down_suffix} or *{up_suffix})")
-    unknown = sorted((set(downs) | set(ups)) - KNOWN_LAYERS[part])
+    unknown = sorted((set(downs) | set(ups)) - known_layers(SD15, part))
     if unknown:
-        raise EDLoRAFormatError(f"{name}: unknown {part} LoRA key {unknown[0]!r} (not an SD1.5 attention, "
+        raise EDLoRAFormatError(f"{name}: unknown {part} LoRA key {unknown[0]!r} (not an sd15 attention, "
                                 f"projection or MLP layer)")
     missing = set(downs) ^ set(ups)
     if missing:
@@ -298,8 +359,8 @@ def _pair_layers(name, part, tensors, suffixes):
     return {path_: LoRALayer(downs[path_], ups[path_]) for path_ in downs}
 
 
-def _kohya_names(part):
-    return {KOHYA_PREFIXES[part] + p.replace(".", "_"): p for p in KNOWN_LAYERS[part]}
+def _kohya_names(family, part):
+    return {_kohya_prefixes(family)[part] + p.replace(".", "_"): p for p in known_layers(family, part)}
 
 
 def _from_safetensors(tensors, metadata, name):
@@ -307,11 +368,16 @@ def _from_safetensors(tensors, metadata, name):
         raise EDLoRAFormatError(f"{name}: not a Mix-of-Show ED-LoRA (no mixofshow.format=edlora metadata); "
                                 f"a plain LoRA belongs in ComfyUI's LoraLoader")
     version = metadata.get("mixofshow.format_version", "?")
-    if version != str(FORMAT_VERSION):
-        raise EDLoRAFormatError(f"{name}: format version {version} is not supported (this plugin reads {FORMAT_VERSION})")
-    family = metadata.get("mixofshow.base_family")
-    if family != BASE_FAMILY:
-        raise EDLoRAFormatError(f"{name}: made for base model family {family!r}; this plugin supports {BASE_FAMILY}")
+    if version not in (str(SD15_FORMAT_VERSION), str(FORMAT_VERSION)):
+        raise EDLoRAFormatError(f"{name}: format version {version} is not supported (this plugin reads "
+                                f"{SD15_FORMAT_VERSION} and {FORMAT_VERSION})")
+    family_name = metadata.get("mixofshow.base_family")
+    if version == str(SD15_FORMAT_VERSION) and family_name != BASE_FAMILY:
+        raise EDLoRAFormatError(f"{name}: made for base model family {family_name!r}, which format version 1 "
+                                f"cannot hold; version 1 files are {BASE_FAMILY}")
+    granularity = metadata.get("mixofshow.granularity", "block")
+    _check_family(name, family_name, granularity)
+    family = FAMILIES[family_name]
     words = _metadata_words(name, metadata)
     embeddings = {}
     for word in words:
@@ -322,14 +388,16 @@ def _from_safetensors(tensors, metadata, name):
     extra = [k for k in tensors if k.startswith(EMBEDDING_PREFIX)]
     if extra:
         raise EDLoRAFormatError(f"{name}: embedding {extra[0]} is not listed in mixofshow.concept_words")
-    layers = {part: _kohya_layers(name, part, tensors) for part in ("unet", "text_encoder")}
+    parts = ["unet"] + [e.file_section for e in family.encoders]
+    layers = {part: _kohya_layers(name, family, part, tensors) for part in parts}
     if tensors:
         raise EDLoRAFormatError(f"{name}: unknown key {sorted(tensors)[0]!r}")
     source = {"key_style": metadata.get("mixofshow.source_key_style", "main"),
               "wrapped": metadata.get("mixofshow.source_wrapped", "true") == "true"}
     if source["key_style"] not in KEY_STYLES:
         raise EDLoRAFormatError(f"{name}: unknown mixofshow.source_key_style {source['key_style']!r}")
-    return EDLoRA(embeddings, layers["unet"], layers["text_encoder"], name, source)
+    return EDLoRA(embeddings, layers["unet"], layers["text_encoder"], name, source, family_name, granularity,
+                  layers.get("text_encoder_2", {}))
 
 
 def _metadata_words(name, metadata):
@@ -342,10 +410,10 @@ def _metadata_words(name, metadata):
     return words
 
 
-def _kohya_layers(name, part, tensors):
+def _kohya_layers(name, family, part, tensors):
     """Takes this part's kohya keys out of `tensors` and pairs them into LoRALayers."""
     layers = {}
-    for kohya, path_ in _kohya_names(part).items():
+    for kohya, path_ in _kohya_names(family, part).items():
         down = tensors.pop(kohya + ".lora_down.weight", None)
         up = tensors.pop(kohya + ".lora_up.weight", None)
         alpha = tensors.pop(kohya + ".alpha", None)

@@ -4,6 +4,15 @@ A `Family` describes one base-model family (SD1.5, SDXL) in the names ED-LoRA fi
 (diffusers UNet paths, HF text-encoder paths) and in ComfyUI's numbering. Pure Python: nothing
 here imports ComfyUI; `nodes/model_keys.py` reads MODEL/CLIP objects and calls the detectors.
 
+Granularity. A concept word's embedding table has one row per *unit*: per transformer block
+("block", SD1.5's 16 = Mix-of-Show) or per spatial transformer ("transformer", SDXL's 11); the
+table's columns are the encoders' widths side by side (clip_l ‖ clip_g on SDXL, like the context).
+`family.layer_rows(granularity)` expands a table to one row per layer.
+SDXL's default is "transformer" (11 rows), "block" (70) stays an option: a concept prompt is
+encoded (and trained through both text encoders) once per distinct row, and at SDXL's widths
+the text side of a step costs 6.4x more at 70 rows, in time and in saved activations (8.2 GiB
+fp16 against 1.3 GiB without gradient checkpointing; benchmarks/bench_sdxl_encode.py).
+
 Layers. A *cross-attention layer* is one transformer block with an `attn2`; Mix-of-Show numbers
 them 0..L-1 in down -> mid -> up order (SD1.5: 16, SDXL: 70). ComfyUI groups the blocks in
 *spatial transformers* (SD1.5: 16 of depth 1; SDXL: 11 of depth 2 or 10) and tells an attn2 patch
@@ -31,6 +40,10 @@ API (instances `SD15`, `SDXL`; `FAMILIES` by name):
     family.unet_lora_layers()           every UNet module an ED-LoRA may carry
     family.text_lora_layers(encoder, n) every text module an ED-LoRA may carry in that encoder
     family.cross_attention_kv_layers()  attn2.to_k/to_v paths (input: the text context)
+    family.num_rows(granularity)        embedding rows per concept word: "block" (one per layer) or
+                                        "transformer" (one per spatial transformer); equal on SD1.5
+    family.layer_rows(granularity)      for each layer, the row that feeds it
+    family.default_granularity          what new ED-LoRAs of this family use
     family.cross_attention_index(path)  layer of a UNet module path, or None
     family.spatial_transformer_index(l) the spatial transformer a layer lies in
     family.comfy_attn2_paths()          ComfyUI module paths of every attn2 (detection)
@@ -92,12 +105,16 @@ def input_group(module_path):
     return module_path
 
 
+GRANULARITIES = ("block", "transformer")
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     transformers: tuple
     encoders: tuple
     size_conditioning: bool
+    default_granularity: str = "block"
 
     @property
     def cross_attn_layers(self):
@@ -144,6 +161,18 @@ class Family:
 
     def spatial_transformer_index(self, layer):
         return self.layer_location(layer)[0]
+
+    def num_rows(self, granularity):
+        """Embedding rows per concept word at `granularity`."""
+        return max(self.layer_rows(granularity)) + 1
+
+    def layer_rows(self, granularity):
+        """For each cross-attention layer, the embedding row that feeds it."""
+        if granularity == "block":
+            return list(range(self.num_cross_attn_layers))
+        if granularity == "transformer":
+            return [self.spatial_transformer_index(layer) for layer in range(self.num_cross_attn_layers)]
+        raise ValueError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
 
     def unet_attention_layers(self, layer_path):
         """The 8 attention linears of one transformer block (what ED-LoRA trains)."""
@@ -213,6 +242,7 @@ SDXL = Family(
     encoders=(Encoder("clip_l", "l", 768, 12, "penultimate", "text_encoder", "lora_te1_"),
               Encoder("clip_g", "g", 1280, 32, "penultimate", "text_encoder_2", "lora_te2_")),
     size_conditioning=True,
+    default_granularity="transformer",
 )
 
 FAMILIES = {f.name: f for f in (SD15, SDXL)}

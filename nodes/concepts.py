@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..mixofshow_core import sd15
+from ..mixofshow_core.families import SD15
 from ..mixofshow_core.edlora_format import CONCEPT_WORD
 from ..mixofshow_core.messages import excerpt
 
@@ -22,9 +22,10 @@ class ConceptEmbeddingError(ValueError):
     """A concept word or embedding that cannot be used; the message names the file it came from."""
 
 
-def check_embedding(source, word, embedding):
-    """Every concept entering a CLIP: a <word> with a finite [16, 768] floating-point table."""
-    expected = [sd15.NUM_CROSS_ATTN_LAYERS, sd15.TEXT_DIM]
+def check_embedding(source, word, embedding, family=SD15):
+    """Every concept entering a CLIP: a <word> with a finite [layers, context width] floating-point
+    table ([16, 768] on SD1.5, [70, 2048] on SDXL)."""
+    expected = [family.num_cross_attn_layers, family.context_dim]
     if not isinstance(word, str) or not CONCEPT_WORD.match(word):
         raise ConceptEmbeddingError(f"{source}: concept word {excerpt(word)} must look like <name> "
                                     f"(letters, digits, _ - . + only, in angle brackets)")
@@ -37,7 +38,7 @@ def check_embedding(source, word, embedding):
 
 @dataclass(frozen=True)
 class ConceptSet:
-    embeddings: tuple = ()   # ((word, [16, 768] tensor), ...) in load order
+    embeddings: tuple = ()   # ((word, [layers, context width] tensor), ...) in load order
     sources: tuple = ()      # ((word, file name), ...)
 
     def __deepcopy__(self, memo):
@@ -53,10 +54,11 @@ class ConceptSet:
     def source_of(self, word):
         return dict(self.sources).get(word)
 
-    def with_embeddings(self, embeddings, source):
-        """A new set that also knows `embeddings` (word -> tensor) from file `source`."""
+    def with_embeddings(self, embeddings, source, family=SD15):
+        """A new set that also knows `embeddings` (word -> one row per cross-attention layer of
+        `family`) from file `source`."""
         for word, embedding in embeddings.items():
-            check_embedding(source, word, embedding)
+            check_embedding(source, word, embedding, family)
             if word in self.words:
                 raise ConceptCollisionError(
                     f"{source}: word {word} is already provided by {self.source_of(word)}; "

@@ -6,7 +6,7 @@ import torch
 from ..mixofshow_core.edlora_format import load_edlora
 from .concepts import concepts_of, set_concepts
 from .layerwise import install_routing
-from .model_keys import ModelMismatchError, clip_weight_keys, require_sd15, unet_weight_keys, weight_shapes
+from .model_keys import ModelMismatchError, clip_weight_keys, require_family, unet_weight_keys, weight_shapes
 from .paths import EDLORA_FOLDER, file_fingerprint
 
 
@@ -29,16 +29,27 @@ def lora_patches(layers, key_map, shapes, source, part):
     return comfy.lora.load_lora(lora_sd, to_load)
 
 
+def require_edlora_family(edlora, family):
+    """Raises ModelMismatchError naming the file unless it was made for `family`."""
+    if edlora.family != family.name:
+        raise ModelMismatchError(f"{edlora.name}: an ED-LoRA for {edlora.family} models cannot be applied to "
+                                 f"this {family.name} model")
+
+
 def apply_edlora(model, clip, edlora, unet_alpha, text_encoder_alpha):
     """(MODEL, CLIP) clones with the ED-LoRA patched in and its words registered on the CLIP.
 
-    ΔW = α·up@down (no rank division), applied as patches so cached checkpoints stay clean."""
-    require_sd15(model, clip)
-    concepts = concepts_of(clip).with_embeddings(edlora.embeddings, edlora.name)
+    ΔW = α·up@down (no rank division), applied as patches so cached checkpoints stay clean;
+    on SDXL the text LoRAs go to clip_l (text_encoder) and clip_g (text_encoder_2)."""
+    family = require_family(model, clip)
+    require_edlora_family(edlora, family)
+    concepts = concepts_of(clip).with_embeddings(edlora.layer_embeddings(), edlora.name, family)
     unet_patches = lora_patches(edlora.unet, unet_weight_keys(model), weight_shapes(model),
                                 edlora.name, "unet")
-    text_patches = lora_patches(edlora.text_encoder, clip_weight_keys(clip), weight_shapes(clip.patcher),
-                                edlora.name, "text_encoder")
+    text_patches = {}
+    for section, layers in edlora.text_parts().items():
+        text_patches.update(lora_patches(layers, clip_weight_keys(clip, section), weight_shapes(clip.patcher),
+                                         edlora.name, section))
     patched_model = install_routing(model.clone())
     patched_model.add_patches(unet_patches, unet_alpha)
     patched_clip = clip.clone()
@@ -61,8 +72,8 @@ class EDLoRALoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": ("MODEL", {"tooltip": "An SD1.5 model (16 cross-attention layers)."}),
-            "clip": ("CLIP", {"tooltip": "The SD1.5 CLIP that goes with the model."}),
+            "model": ("MODEL", {"tooltip": "An SD1.5 or SDXL model (the family the ED-LoRA was made for)."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP that goes with the model."}),
             "edlora_name": (folder_paths.get_filename_list(EDLORA_FOLDER),
                             {"tooltip": "ED-LoRA file in models/edlora (.safetensors or original .pth)."}),
             "unet_alpha": ("FLOAT", {"default": 0.7, "min": -5.0, "max": 5.0, "step": 0.05,

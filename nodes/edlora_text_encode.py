@@ -1,18 +1,21 @@
-"""EDLoRA Text Encode: one text encoding per UNet cross-attention layer."""
+"""EDLoRA Text Encode: one text encoding per UNet cross-attention layer.
+
+Works for every model family (mixofshow_core.families): a concept word's per-layer table has the
+encoders' widths side by side (SDXL: clip_l 768 ‖ clip_g 1280), and each encoder's token list gets
+its own columns, so the host's encode concatenates them into the family's context as usual."""
 import torch
 
-from ..mixofshow_core import sd15
 from ..mixofshow_core.prompt_binding import (bind_layer, check_prompt_chunks, concept_words_in, count_token,
                                              distinct_layers, replace_concept_words)
 from .concepts import concepts_of
 from .layerwise import CONTEXT_KEY, context_cond
-from .model_keys import require_sd15
+from .model_keys import clip_family, require_family
 
 # Single-token words that stand in for concept words while the host tokenizer runs;
 # the first one that does not already occur in the prompt is used.
 SENTINEL_WORDS = ("walrus", "harpsichord", "zeppelin", "kazoo", "marmot", "ocelot", "toucan", "yodel")
 
-# Token chunks the CLIP encodes in one forward: the 16 layer copies of a 4-chunk prompt.
+# Token chunks the CLIP encodes in one forward: the 16 SD1.5 layer copies of a 4-chunk prompt.
 ENCODE_BATCH = 64
 
 
@@ -35,50 +38,74 @@ def pick_sentinel(clip, text_without_concepts):
 def encode_plain(clip, text):
     """Exactly what CLIPTextEncode produces: ([1, T, D] context, pooled)."""
     tokens = clip.tokenize(text)
-    check_prompt_chunks(tokens["l"])
+    for chunks in tokens.values():
+        check_prompt_chunks(chunks)
     return clip.encode_from_tokens(tokens, return_pooled=True)
 
 
-def encode_chunks(clip, chunks):
-    """([1, len(chunks) * 77, D] context, pooled of the first chunk): encode_from_tokens over the
-    chunks, ENCODE_BATCH at a time (chunks are encoded independently, so batching changes nothing)."""
-    encoded = [clip.encode_from_tokens({"l": chunks[start:start + ENCODE_BATCH]}, return_pooled=True)
-               for start in range(0, len(chunks), ENCODE_BATCH)]
+def encode_chunks(clip, copies):
+    """([1, chunks * 77, D] context, pooled of the first chunk) of token copies ({token key: chunks}
+    each, see bound_token_copies), every copy's chunks in order, ENCODE_BATCH chunks per forward
+    (chunks are encoded independently, so batching changes nothing)."""
+    flat = {key: [chunk for copy in copies for chunk in copy[key]] for key in copies[0]}
+    total = len(next(iter(flat.values())))
+    encoded = [clip.encode_from_tokens({key: chunks[start:start + ENCODE_BATCH] for key, chunks in flat.items()},
+                                       return_pooled=True)
+               for start in range(0, total, ENCODE_BATCH)]
     return torch.cat([cond for cond, _ in encoded], dim=1), encoded[0][1]
 
 
-def bound_copies(clip, text, layers, embeddings=None):
-    """Token chunks of the prompt's copies `layers` (copy l binds row l of each concept word).
+def bound_token_copies(clip, text, layers, embeddings=None):
+    """The prompt's copies `layers` as token dicts {token key: chunks}, as clip.tokenize gives:
+    in copy l each concept word is its layer-l row, each encoder's token list getting that
+    encoder's columns of the row.
 
-    embeddings: word -> [16, D] tables; by default the concepts registered on the CLIP."""
+    embeddings: word -> [layers, context width] tables; by default the concepts registered on the CLIP."""
+    family = clip_family(clip)
     embeddings = concepts_of(clip).embedding_map() if embeddings is None else embeddings
     stripped = replace_concept_words(text, embeddings.keys(), "")[0]
     sentinel, sentinel_id = pick_sentinel(clip, stripped)
     replaced, words = replace_concept_words(text, embeddings.keys(), sentinel)
     tokens = clip.tokenize(replaced)
-    check_prompt_chunks(tokens["l"])
-    if count_token(tokens["l"], sentinel_id) != len(words):
-        raise ValueError(f"text: a concept word is glued to other characters; put spaces around {words[0]}")
-    return [bind_layer(tokens["l"], sentinel_id, words, embeddings, layer) for layer in layers], words
+    columns, start = {}, 0
+    for encoder in family.encoders:
+        chunks = tokens[encoder.token_key]
+        check_prompt_chunks(chunks)
+        if count_token(chunks, sentinel_id) != len(words):
+            raise ValueError(f"text: a concept word is glued to other characters; put spaces around {words[0]}")
+        columns[encoder.token_key] = {w: e[:, start:start + encoder.width] for w, e in embeddings.items()}
+        start += encoder.width
+    return [{key: bind_layer(tokens[key], sentinel_id, words, columns[key], layer) for key in columns}
+            for layer in layers], words
+
+
+def bound_copies(clip, text, layers, embeddings=None):
+    """The first text encoder's token chunks of each copy in `layers` (SD1.5's whole prompt)."""
+    copies, words = bound_token_copies(clip, text, layers, embeddings)
+    key = clip_family(clip).encoders[0].token_key
+    return [copy[key] for copy in copies], words
 
 
 def encode_layerwise(clip, text):
-    """CONDITIONING whose model_conds carry a [1, 16, T, D] stack: copy l binds row l of every
-    concept word (Mix-of-Show's bind_concept_prompt), the copies' chunks in batched forwards.
+    """CONDITIONING whose model_conds carry a [1, L, T, D] stack (SD1.5 [1, 16, T, 768], SDXL
+    [1, 70, T, 2048]): copy l binds row l of every concept word (Mix-of-Show's
+    bind_concept_prompt), the copies' chunks in batched forwards; copies whose rows are all
+    equal (e.g. the 7 blocks of one SDXL spatial transformer at that granularity) encode once.
 
-    The ordinary context is copy 0, so ControlNet and stock nodes see a normal 77-token cond.
+    The ordinary context is copy 0, so ControlNet and stock nodes see a normal 77-token cond;
+    the pooled output (SDXL's ADM input) is copy 0's, as CLIPTextEncode gives it for a prompt.
     A prompt without concept words encodes exactly like CLIPTextEncode; when the CLIP carries
     concepts it still gets a (uniform) stack so it batches with layer-wise prompts."""
-    require_sd15(clip=clip, what="EDLoRA Text Encode")
+    family = require_family(clip=clip, what="EDLoRA Text Encode")
     concepts = concepts_of(clip)
     if not concept_words_in(text):
         cond, pooled = encode_plain(clip, text)
-        stack = cond.unsqueeze(1).expand(-1, sd15.NUM_CROSS_ATTN_LAYERS, -1, -1)
+        stack = cond.unsqueeze(1).expand(-1, family.num_cross_attn_layers, -1, -1)
         return _conditioning(cond, pooled, stack if concepts.words else None)
     words = set(concept_words_in(text)) & set(concepts.words)
-    layers, index_of = distinct_layers(concepts.embedding_map(), words, sd15.NUM_CROSS_ATTN_LAYERS)
-    copies, _ = bound_copies(clip, text, layers)
-    cond, pooled = encode_chunks(clip, [chunk for copy in copies for chunk in copy])
+    layers, index_of = distinct_layers(concepts.embedding_map(), words, family.num_cross_attn_layers)
+    copies, _ = bound_token_copies(clip, text, layers)
+    cond, pooled = encode_chunks(clip, copies)
     per_layer = cond.reshape(cond.shape[0], len(layers), -1, cond.shape[-1])
     stack = per_layer[:, index_of]
     return _conditioning(stack[:, 0], pooled, stack)
@@ -104,7 +131,7 @@ class EDLoRATextEncode:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "clip": ("CLIP", {"tooltip": "A CLIP from 'EDLoRA Loader' (or any SD1.5 CLIP for plain prompts)."}),
+            "clip": ("CLIP", {"tooltip": "A CLIP from 'EDLoRA Loader' (or any SD1.5 / SDXL CLIP for plain prompts)."}),
             "text": ("STRING", {"multiline": True, "dynamicPrompts": True,
                                 "tooltip": "Prompt; write concepts by their words, e.g. 'a photo of <potter1> "
                                            "<potter2>'. Weights like (word:1.2) work as usual."}),

@@ -1,9 +1,10 @@
 """Routes one text encoding per cross-attention layer through any stock sampler.
 
-The 16 per-layer encodings ride in the conditioning as model_conds[CONTEXT_KEY], a
-[B, 16, T, 768] stack that ComfyUI batches and repeats like any model cond. A router moves
-the batched stack into transformer_options, and an attn2 patch hands cross-attention layer
-`transformer_index` its own slice (comfyui.md §3.4, mechanism A). The router is an
+The per-layer encodings ride in the conditioning as model_conds[CONTEXT_KEY], a
+[B, L, T, D] stack (SD1.5 [B, 16, T, 768], SDXL [B, 70, T, 2048]) that ComfyUI batches and
+repeats like any model cond. A router moves the batched stack into transformer_options, and an
+attn2 patch hands each cross-attention layer its own slice: layer
+family.layer_index(transformer_index, block_index) (comfyui.md §3.4, mechanism A). The router is an
 APPLY_MODEL wrapper where the host has the multi-slot wrapper API (so other packs' wrappers
 and model function wrappers compose with it), the model function wrapper on the 2024 host.
 
@@ -15,7 +16,9 @@ import math
 
 import torch
 
+from ..mixofshow_core.families import FAMILIES, SD15
 from .compat import Cond, add_apply_model_wrapper
+from .model_keys import model_family
 
 CONTEXT_KEY = "edlora_ctx"
 ROUTER_KEY = "mixofshow_layerwise"
@@ -115,31 +118,45 @@ class LayerwiseRouter:
         return apply_model(args["input"], args["timestep"], **c)
 
 
-def select_layer_context(n, context, value, extra_options):
-    """attn2_patch: cross-attention layer `transformer_index` attends to its own encoding."""
-    stack = extra_options.get(CONTEXT_KEY)
-    if stack is None:
-        return n, context, value
-    index = extra_options["transformer_index"]
-    if index >= stack.shape[1]:
-        raise UnroutedConditioningError(
-            f"model: cross-attention layer {index} has no text encoding (the conditioning holds "
-            f"{stack.shape[1]} layers); layer-wise conditioning needs an SD1.5 model")
-    if stack.shape[0] != n.shape[0]:
-        raise UnroutedConditioningError(
-            f"conditioning: layer-wise context batch {stack.shape[0]} does not match the latent batch {n.shape[0]}")
-    layer = stack[:, index].to(device=n.device, dtype=n.dtype)
-    return n, layer, layer
+class LayerContextSelector:
+    """attn2_patch: each cross-attention layer of `family` attends to its own encoding."""
+
+    def __init__(self, family):
+        self.family = family
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, n, context, value, extra_options):
+        stack = extra_options.get(CONTEXT_KEY)
+        if stack is None:
+            return n, context, value
+        index = self.family.layer_index(extra_options["transformer_index"], extra_options.get("block_index", 0))
+        if stack.shape[1] != self.family.num_cross_attn_layers:
+            raise UnroutedConditioningError(
+                f"model: the conditioning holds {stack.shape[1]} layer encodings, but this {self.family.name} "
+                f"model has {self.family.num_cross_attn_layers} cross-attention layers; encode with the CLIP "
+                f"that goes with the model")
+        if stack.shape[0] != n.shape[0]:
+            raise UnroutedConditioningError(
+                f"conditioning: layer-wise context batch {stack.shape[0]} does not match the latent batch {n.shape[0]}")
+        layer = stack[:, index].to(device=n.device, dtype=n.dtype)
+        return n, layer, layer
+
+
+SELECTORS = {name: LayerContextSelector(family) for name, family in FAMILIES.items()}
+select_layer_context = SELECTORS[SD15.name]
 
 
 def install_routing(model):
-    """Adds the router and the attn2 patch to a cloned MODEL once (idempotent)."""
+    """Adds the router and the attn2 patch of the MODEL's family to a cloned MODEL once (idempotent)."""
     options = model.model_options
     if not add_apply_model_wrapper(model, ROUTER_KEY, route_apply_model):
         wrapper = options.get("model_function_wrapper")
         if not isinstance(wrapper, LayerwiseRouter):
             model.set_model_unet_function_wrapper(LayerwiseRouter(wrapper))
     patches = options["transformer_options"].get("patches", {}).get("attn2_patch", [])
-    if select_layer_context not in patches:
-        model.set_model_attn2_patch(select_layer_context)
+    selector = SELECTORS[model_family(model).name]
+    if selector not in patches:
+        model.set_model_attn2_patch(selector)
     return model

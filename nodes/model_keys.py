@@ -2,7 +2,6 @@
 which model family (mixofshow_core.families) a MODEL or CLIP belongs to."""
 import comfy.utils
 
-from ..mixofshow_core import sd15
 from ..mixofshow_core.families import FAMILIES, SD15, family_of_attn2_paths, family_of_encoders
 
 ENCODER_NAMES = tuple(dict.fromkeys(e.name for f in FAMILIES.values() for e in f.encoders))
@@ -18,9 +17,12 @@ def unet_weight_keys(model):
     return {k[:-len(".weight")]: "diffusion_model." + v for k, v in mapping.items() if k.endswith(".weight")}
 
 
-def clip_weight_keys(clip):
-    """HF module path -> ComfyUI key ('clip_l.transformer.….weight') of this CLIP."""
-    return {path: f"clip_l.transformer.{path}.weight" for path in sd15.text_lora_layers()}
+def clip_weight_keys(clip, section="text_encoder"):
+    """HF module path -> ComfyUI key ('clip_l.transformer.….weight') of the text encoder that an
+    ED-LoRA file section ("text_encoder", SDXL's "text_encoder_2") patches in this CLIP."""
+    family = clip_family(clip)
+    encoder = next(e for e in family.encoders if e.file_section == section)
+    return {path: f"{encoder.comfy_prefix}{path}.weight" for path in family.text_lora_layers(encoder)}
 
 
 def weight_shapes(patcher):

@@ -5,12 +5,12 @@ from typing import Optional
 
 import torch
 
-from ..mixofshow_core import sd15
 from ..mixofshow_core.prompt_binding import concept_words_in
 from ..mixofshow_core.regions import UNITS, RegionError, parse_box, parse_prompt_rewrite
 from .bounding_boxes import element_boxes, pixel_boxes
 from .edlora_text_encode import encode_layerwise
 from .layerwise import CONTEXT_KEY
+from .model_keys import clip_family
 
 REGIONS_TYPE = "REGIONS"
 MAX_IMAGE_SIZE = 16384
@@ -18,7 +18,7 @@ MAX_IMAGE_SIZE = 16384
 
 @dataclass(frozen=True, eq=False)
 class Region:
-    """One region: layer-wise encodings [1, 16, T, D] of its prompt and negative prompt, its area
+    """One region: layer-wise encodings [1, L, T, D] of its prompt and negative prompt, its area
     (a normalized Box or a float mask [H, W]), the (width, height) the area was laid out on
     (None for normalized boxes) and the factor on control residuals inside it."""
     positive: torch.Tensor
@@ -30,7 +30,8 @@ class Region:
 
 
 def layerwise_stack(clip, text, label):
-    """[1, 16, T, D] layer-wise encoding of `text`; errors name the input `label`."""
+    """[1, L, T, D] layer-wise encoding of `text` (L: the CLIP family's cross-attention layers);
+    errors name the input `label`."""
     try:
         cond, options = encode_layerwise(clip, text)[0]
     except ValueError as error:
@@ -38,7 +39,7 @@ def layerwise_stack(clip, text, label):
     stack = options.get("model_conds", {}).get(CONTEXT_KEY)
     if stack is not None:
         return stack.cond
-    return cond.unsqueeze(1).expand(-1, sd15.NUM_CROSS_ATTN_LAYERS, -1, -1)
+    return cond.unsqueeze(1).expand(-1, clip_family(clip).num_cross_attn_layers, -1, -1)
 
 
 def encode_region(clip, prompt, negative_prompt, area, frame, adapter_weight, label=""):

@@ -2,7 +2,8 @@
 
 Region data rides in the conditioning like the layer-wise contexts (layerwise.py): every
 conditioning dict gets model_conds[REGIONS_KEY], a RegionContexts holding each region's
-layer-wise encoding [1, 16, T_r, D] at its own token count (region prompts on the positive
+layer-wise encoding [1, L, T_r, D] at its own token count (L: the model family's cross-attention
+layers, 16 on SD1.5, 70 on SDXL) (region prompts on the positive
 conditioning, region negatives on the negative one) and the RegionLayout shared by both.
 ComfyUI repeats and batches it per row like any model cond, so each row of a UNet call carries
 its own region encodings and the uncond rows attend to the region negatives by construction,
@@ -29,27 +30,20 @@ REGIONS_KEY = "mixofshow_regions"
 # extra_options entry append_region_contexts leaves for RegionalAttention in the same block call
 CONTEXT_TOKENS_KEY = "mixofshow_region_context_tokens"
 
-# SD1.5 cross-attention blocks in transformer_index order, with their attn2 module paths.
-ATTN2_BLOCKS = tuple([("input", n) for n in (1, 2, 4, 5, 7, 8)] + [("middle", 0)]
-                     + [("output", n) for n in range(3, 12)])
-_BLOCK_PATHS = {"input": "input_blocks.{}.1", "middle": "middle_block.1", "output": "output_blocks.{}.1"}
-
 # A region laid out on an image whose aspect ratio differs from the latent's by more than this
 # (as a log ratio) would be stretched; that is refused.
 ASPECT_TOLERANCE = 0.02
 
 
-def attn2_path(block_name, number):
-    return "diffusion_model." + _BLOCK_PATHS[block_name].format(number) + ".transformer_blocks.0.attn2"
-
-
 class RegionLayout:
     """Where the regions lie: a Box or a float mask [H, W] per region, the (width, height) each
-    was laid out on (None for normalized boxes) and each region's adapter weight.
+    was laid out on (None for normalized boxes) and each region's adapter weight, for a model of
+    `family` (whose layer numbering the attention patches read).
 
     Shared by the positive and negative conditioning and never deep-copied."""
 
-    def __init__(self, areas, frames, adapter_weights):
+    def __init__(self, areas, frames, adapter_weights, family):
+        self.family = family
         self.areas = tuple(areas)
         self.frames = tuple(frames)
         self.adapter_weights = tuple(float(w) for w in adapter_weights)
@@ -119,17 +113,12 @@ class RegionGrid:
 
 def layer_of(encoding, layer):
     """[B, T, D] layer `layer` of a [B, L, T, D] region encoding (L = 1: the same for every layer)."""
-    if encoding.shape[1] == 1:
-        return encoding[:, 0]
-    if layer >= encoding.shape[1]:
-        raise RegionError(f"regions: cross-attention layer {layer} has no region encoding "
-                          f"({encoding.shape[1]} layers); regions need an SD1.5 model")
-    return encoding[:, layer]
+    return encoding[:, 0] if encoding.shape[1] == 1 else encoding[:, layer]
 
 
 class RegionContexts(Cond):
     """model_conds entry: one [B, L, T_r, D] encoding per region, each with its own token count
-    T_r (L = 16 layers, or 1 when they are all equal), and the RegionLayout."""
+    T_r (L = the family's cross-attention layers, or 1 when they are all equal), and the RegionLayout."""
 
     def __init__(self, cond, layout):
         super().__init__(tuple(cond))
@@ -244,7 +233,8 @@ def append_region_contexts(n, context, value, extra_options):
     if batch.unclaimed:
         raise RegionError("regions: a cross-attention block ran without the regional attention of 'Apply Regions' "
                           "(a node applied after it replaced the attention); apply that node before 'Apply Regions'")
-    regions = batch.layer_tokens(extra_options["transformer_index"]).to(context)
+    layer = batch.layout.family.layer_index(extra_options["transformer_index"], extra_options.get("block_index", 0))
+    regions = batch.layer_tokens(layer).to(context)
     extra_options[CONTEXT_TOKENS_KEY] = context.shape[1] + regions.shape[1]
     batch.unclaimed = True
     return n, torch.cat([context, regions], dim=1), torch.cat([value, regions.to(value)], dim=1)
@@ -299,16 +289,18 @@ def region_attention(q, keys, values, batch, region, extra_options):
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def install_regional_attention(model):
+def install_regional_attention(model, family):
     """Adds append_region_contexts as an attn2 patch (after the layer-wise one, which sets the
-    context) and RegionalAttention as the attn2 replace patch of every SD1.5 cross-attention
-    block of a cloned MODEL, keeping any other replace patch as the global output (idempotent)."""
+    context) and RegionalAttention as the attn2 replace patch of every cross-attention block of
+    `family` (SD1.5 16, SDXL 70) in a cloned MODEL, keeping any other replace patch as the global
+    output (idempotent)."""
     transformer_options = model.model_options["transformer_options"]
     if append_region_contexts not in transformer_options.get("patches", {}).get("attn2_patch", []):
         model.set_model_attn2_patch(append_region_contexts)
     replaced = transformer_options.get("patches_replace", {}).get("attn2", {})
-    for block_name, number in ATTN2_BLOCKS:
-        previous = replaced.get((block_name, number, 0), replaced.get((block_name, number)))
+    for layer in range(family.num_cross_attn_layers):
+        (block_name, number), block_index = family.comfy_block(layer)
+        previous = replaced.get((block_name, number, block_index), replaced.get((block_name, number)))
         if not isinstance(previous, RegionalAttention):
-            model.set_model_attn2_replace(RegionalAttention(previous), block_name, number, 0)
+            model.set_model_attn2_replace(RegionalAttention(previous), block_name, number, block_index)
     return model

@@ -1,24 +1,23 @@
 """Apply Regions and Regional Sampler: Mix-of-Show regionally controllable sampling."""
 import comfy.samplers
-import comfy.utils
 import nodes as comfy_nodes
 
 from ..mixofshow_core.regions import RegionError, check_region_count, check_region_tokens
-from .layerwise import CONTEXT_KEY, install_routing, is_uniform, select_layer_context
-from .model_keys import require_sd15
+from .layerwise import CONTEXT_KEY, SELECTORS, install_routing, is_uniform
+from .model_keys import require_family
 from .region_prompt import REGIONS_TYPE
-from .regional_attention import REGIONS_KEY, RegionContexts, RegionLayout, attn2_path, install_regional_attention
+from .regional_attention import REGIONS_KEY, RegionContexts, RegionLayout, install_regional_attention
 
 
-def is_routed(model):
+def is_routed(model, family):
     """Whether MODEL routes layer-wise contexts (it came through an ED-LoRA node)."""
     patches = model.model_options["transformer_options"].get("patches", {}).get("attn2_patch", [])
-    return select_layer_context in patches
+    return SELECTORS[family.name] in patches
 
 
-def check_concepts_routable(model, regions, positive, negative):
+def check_concepts_routable(model, family, regions, positive, negative):
     """Concept words need the ED-LoRA UNet that goes with the CLIP that encoded them."""
-    if is_routed(model):
+    if is_routed(model, family):
         return
     for number, region in enumerate(regions, start=1):
         if region.concept_words:
@@ -33,16 +32,15 @@ def check_concepts_routable(model, regions, positive, negative):
                                   f"from the 'EDLoRA Loader' whose CLIP encoded it")
 
 
-def region_encodings(stacks, width, label):
-    """The per-region [1, 16, T_r, D] encodings, checked, each kept at its own token count; one
-    whose layers are all equal (a prompt without concept words) is kept as [1, 1, T_r, D]."""
+def region_encodings(stacks, family, label):
+    """The per-region [1, L, T_r, D] encodings, checked against the model's family, each kept at its
+    own token count; one whose layers are all equal (a prompt without concept words) is kept as
+    [1, 1, T_r, D]."""
+    layers, width = family.num_cross_attn_layers, family.context_dim
     for number, stack in enumerate(stacks, start=1):
-        if stack.dim() != 4 or stack.shape[0] != 1 or stack.shape[-1] != width:
+        if stack.dim() != 4 or stack.shape[0] != 1 or stack.shape[1] != layers or stack.shape[-1] != width:
             raise RegionError(f"region {number}: {label} encoding has shape {list(stack.shape)}, expected "
-                              f"[1, 16, tokens, {width}]; encode regions with the CLIP that goes with the model")
-        if stack.shape[1] != stacks[0].shape[1]:
-            raise RegionError(f"region {number}: {label} encoding has {stack.shape[1]} layers, region 1 has "
-                              f"{stacks[0].shape[1]}")
+                              f"[1, {layers}, tokens, {width}]; encode regions with the CLIP that goes with the model")
     check_region_tokens([stack.shape[2] for stack in stacks], label)
     return [stack[:, :1] if is_uniform(stack) else stack for stack in stacks]
 
@@ -59,12 +57,9 @@ def attach_regions(conditioning, contexts, layout, label):
     return out
 
 
-def context_width(model):
-    return comfy.utils.get_attr(model.model, attn2_path("input", 1)).to_k.weight.shape[1]
-
-
-def region_layout(regions):
-    return RegionLayout([r.area for r in regions], [r.frame for r in regions], [r.adapter_weight for r in regions])
+def region_layout(regions, family):
+    return RegionLayout([r.area for r in regions], [r.frame for r in regions], [r.adapter_weight for r in regions],
+                        family)
 
 
 def apply_regions(model, positive, negative, regions):
@@ -73,14 +68,13 @@ def apply_regions(model, positive, negative, regions):
     No regions: the inputs unchanged."""
     if not regions:
         return model, positive, negative
-    require_sd15(model=model, what="Regional sampling")
+    family = require_family(model=model, what="Regional sampling")
     check_region_count(len(regions))
-    check_concepts_routable(model, regions, positive, negative)
-    width = context_width(model)
-    layout = region_layout(regions)
-    region_positive = region_encodings([r.positive for r in regions], width, "prompt")
-    region_negative = region_encodings([r.negative for r in regions], width, "negative prompt")
-    patched = install_regional_attention(install_routing(model.clone()))
+    check_concepts_routable(model, family, regions, positive, negative)
+    layout = region_layout(regions, family)
+    region_positive = region_encodings([r.positive for r in regions], family, "prompt")
+    region_negative = region_encodings([r.negative for r in regions], family, "negative prompt")
+    patched = install_regional_attention(install_routing(model.clone()), family)
     return (patched, attach_regions(positive, region_positive, layout, "positive"),
             attach_regions(negative, region_negative, layout, "negative"))
 
@@ -144,7 +138,8 @@ class RegionalSampler:
     def sample(self, model, positive, negative, regions, latent_image, seed, steps, cfg, sampler_name, scheduler,
                denoise):
         if regions:
-            region_layout(regions).check_latent(tuple(int(s) for s in latent_image["samples"].shape[2:]))
+            family = require_family(model=model, what="Regional sampling")
+            region_layout(regions, family).check_latent(tuple(int(s) for s in latent_image["samples"].shape[2:]))
         model, positive, negative = apply_regions(model, positive, negative, regions)
         return comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                            latent_image, denoise=denoise)

@@ -66,6 +66,12 @@ def test_sdxl_layers_follow_comfyuis_numbering():
     assert SDXL.layer_index(4, 9) == 33 and SDXL.comfy_block(33) == (("middle", 0), 9)
     assert SDXL.comfy_block(69) == (("output", 5), 1)
     assert [SDXL.spatial_transformer_index(layer) for layer in (0, 3, 4, 24, 63, 64, 69)] == [0, 1, 2, 4, 7, 8, 10]
+    assert (SDXL.num_rows("block"), SDXL.num_rows("transformer"), SD15.num_rows("transformer")) == (70, 11, 16)
+    assert SDXL.layer_rows("transformer") == [t for t, (_, _, depth) in enumerate(SDXL_TRANSFORMERS)
+                                              for _ in range(depth)]
+    assert SD15.layer_rows("transformer") == SD15.layer_rows("block") == list(range(16))
+    with pytest.raises(ValueError, match="granularity 'pixel'"):
+        SDXL.layer_rows("pixel")
     with pytest.raises(IndexError):
         SDXL.layer_index(0, 2)
     with pytest.raises(IndexError):
@@ -78,6 +84,7 @@ def test_sdxl_encoders_and_layer_lists():
         ("clip_l", "l", 768, 12, "penultimate", "text_encoder", "lora_te1_", "clip_l.transformer."),
         ("clip_g", "g", 1280, 32, "penultimate", "text_encoder_2", "lora_te2_", "clip_g.transformer.")]
     assert SDXL.context_dim == 2048 and SDXL.size_conditioning
+    assert (SDXL.default_granularity, SD15.default_granularity) == ("transformer", "block")
     assert len(SDXL.text_lora_layers("clip_g")) == 32 * 6 and len(SDXL.text_lora_layers("clip_l")) == 12 * 6
     unet = SDXL.unet_lora_layers()
     assert len(unet) == 70 * (8 + 2) + 11 * 2 and len(set(unet)) == len(unet)

@@ -1,6 +1,7 @@
 """The SDXL fixtures are the real SDXL topology as the host builds and numbers it: 70 attn2 blocks
 in ComfyUI's order, a 2048-wide two-encoder context, and a checkpoint the host detects as SDXL."""
 import comfy.model_base
+import comfy.model_management
 import comfy.sample
 import comfy.supported_models
 import comfy.utils
@@ -14,22 +15,12 @@ from comfyui_mixofshow.harness import sdxl_models
 from comfyui_mixofshow.mixofshow_core.families import SD15, SDXL, family_of_attn2_paths, family_of_encoders
 from comfyui_mixofshow.nodes.model_keys import ModelMismatchError, clip_family, model_family, require_family
 
+from .sdxl_fixtures import base_sdxl_clip, base_sdxl_model, sdxl_clip, sdxl_model  # noqa: F401
+
 # ComfyUI's SDXL numbering, written out: (block, depth) per spatial transformer in call order
 SDXL_TRANSFORMERS = [(("input", 4), 2), (("input", 5), 2), (("input", 7), 10), (("input", 8), 10),
                      (("middle", 0), 10), (("output", 0), 10), (("output", 1), 10), (("output", 2), 10),
                      (("output", 3), 2), (("output", 4), 2), (("output", 5), 2)]
-
-
-@pytest.fixture(scope="module")
-def sdxl_model():
-    with torch.inference_mode():
-        return sdxl_models.tiny_sdxl_model()
-
-
-@pytest.fixture(scope="module")
-def sdxl_clip():
-    with torch.inference_mode():
-        return sdxl_models.tiny_sdxl_clip()
 
 
 def record_attn2_calls(model):
@@ -123,6 +114,13 @@ def sdxl_checkpoint(tmp_path_factory):
 
 def test_generated_checkpoint_is_detected_as_sdxl(sdxl_checkpoint, monkeypatch):
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "checkpoints", ([str(sdxl_checkpoint)], {".safetensors"}))
+    try:
+        loaded_checkpoint_runs_as_sdxl()
+    finally:  # the host keeps loaded models; free the full-size encoders for the tests that follow
+        comfy.model_management.unload_all_models()
+
+
+def loaded_checkpoint_runs_as_sdxl():
     model, clip, vae = nodes.CheckpointLoaderSimple().load_checkpoint("tiny_sdxl.safetensors")[:3]
     assert isinstance(model.model, comfy.model_base.SDXL)
     assert isinstance(model.model.model_config, comfy.supported_models.SDXL)
