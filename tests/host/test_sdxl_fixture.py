@@ -106,10 +106,13 @@ def test_stock_ksampler_runs_on_the_tiny_sdxl_model(sdxl_model, sdxl_clip):
 
 @pytest.fixture(scope="module")
 def sdxl_checkpoint(tmp_path_factory):
+    """The ~2 GB file lives only while this module runs."""
     folder = tmp_path_factory.mktemp("sdxl-ckpt")
+    path = folder / "tiny_sdxl.safetensors"
     with torch.inference_mode():
-        sdxl_models.write_sdxl_checkpoint(str(folder / "tiny_sdxl.safetensors"))
-    return folder
+        sdxl_models.write_sdxl_checkpoint(str(path))
+    yield folder
+    path.unlink()
 
 
 def test_generated_checkpoint_is_detected_as_sdxl(sdxl_checkpoint, monkeypatch):
