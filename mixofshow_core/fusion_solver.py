@@ -76,7 +76,9 @@ per cent of the weight-space runs. Where a run ends is itself a matter of roundi
 from W0 and from 0 differ by up to 15 % on short-history spatial layers), so the rule replays with
 three column seeds and takes the least progress of the three (the highest objective): on layers
 captured from a real fusion it then dominates torch's float32 L-BFGS (objective ≤ and change ≤) on
-32/32 k/v and 89/96 spatial layers, against 82/96 with one seed (bench_fusion_layers.py).
+8/8 text-encoder, 32/32 k/v and 89/96 spatial layers, against 82/96 spatial with one seed and 2/8
+text with the one-coordinate replay (bench_fusion_layers.py). The prediction is as sensitive to
+rounding as L-BFGS itself: a 10⁻⁷ relative change of one layer's statistics moves it by 2-4 %.
 """
 import math
 from dataclasses import dataclass

@@ -96,6 +96,31 @@ def test_adding_a_concept_to_saved_statistics_matches_fusing_all_from_scratch(tm
         assert relative_error(added_run, single, plain) < 1.15 * relative_error(scratch_run, single, plain)
 
 
+def test_adding_a_concept_under_the_default_rule_stays_within_the_originals_own_variability(tmp_path, model, clip,
+                                                                                           concepts):
+    """match_lbfgs (the node's default) predicts where the original's L-BFGS stops, which moves by
+    2-4 % when one layer's statistics change by rounding (as L-BFGS itself does): incremental and
+    from-scratch fusion then differ by about that much on text and k/v (measured 1.5 % / 1.6 %; the
+    tolerance rule: < 0.1 %), and as much as with the tolerance rule on the other UNet layers."""
+    first_model, first_clip, first_stats = fuse(model, clip, concepts[:2], "gradient", tolerance=None, **CAPTURE)
+    save_fusion_stats(first_stats, str(tmp_path / "two.fusionstats"))
+    reloaded = load_fusion_stats(str(tmp_path / "two.fusionstats"))
+    assert reloaded.tolerance is None
+    added_model, added_clip, _ = fuse(first_model, first_clip, concepts[2:], "gradient", tolerance=None,
+                                      previous=reloaded, **CAPTURE)
+    scratch_model, scratch_clip, _ = fuse(model, clip, concepts, "gradient", tolerance=None, **CAPTURE)
+    base = reference.base_state(model.model)
+    added, scratch = loaded_weights(added_model), loaded_weights(scratch_model)
+    changed = [k for k in base if not torch.equal(base[k], scratch[k])]
+    kv_keys = [k for k in changed if ".attn2.to_k" in k or ".attn2.to_v" in k]
+    assert stage_difference(added, scratch, base, kv_keys) < 0.05
+    assert stage_difference(added, scratch, base, [k for k in changed if k not in kv_keys]) < 0.4
+    text_base = reference.base_state(clip.cond_stage_model)
+    text_added, text_scratch = loaded_weights(added_clip.patcher), loaded_weights(scratch_clip.patcher)
+    text_keys = [k for k in text_base if not torch.equal(text_base[k], text_scratch[k])]
+    assert stage_difference(text_added, text_scratch, text_base, text_keys) < 0.05
+
+
 def stage_difference(added, scratch, base, keys):
     """‖changes(incremental) − changes(scratch)‖ / ‖changes(scratch)‖ over a set of layers."""
     difference = sum(float((added[k].double() - scratch[k].double()).square().sum()) for k in keys)
