@@ -6,6 +6,7 @@ from .edlora_train import EDLoRATrain
 from .export_edlora import ExportEDLoRA
 from .fused_model import LoadFusedModel, SaveFusedModel
 from .gradient_fuse import GradientFuse
+from .lora_concept import LoRAConceptNode
 from .region_prompt import RegionPrompt, RegionPromptImport, RegionsFromBoundingBoxes
 from .regional_sampler import ApplyRegions, RegionalSampler
 
@@ -14,6 +15,7 @@ NODES = (
     ("MixOfShowEDLoRALoader", EDLoRALoader, "EDLoRA Loader"),
     ("MixOfShowEDLoRATextEncode", EDLoRATextEncode, "EDLoRA Text Encode"),
     ("MixOfShowEDLoRAConcept", EDLoRAConcept, "EDLoRA Concept"),
+    ("MixOfShowLoRAConcept", LoRAConceptNode, "LoRA Concept"),
     ("MixOfShowGradientFuse", GradientFuse, "Gradient Fuse"),
     ("MixOfShowSaveFusedModel", SaveFusedModel, "Save Fused Model"),
     ("MixOfShowLoadFusedModel", LoadFusedModel, "Load Fused Model"),

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import comfy.conds
 import comfy.ldm.modules.attention
+import comfy.lora
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
@@ -150,3 +151,20 @@ def progress_text(text):
         return False
     server.send_progress_text(text, context.node_id)
     return True
+
+
+def calculate_weight(patches, weight, key):
+    """The host's weight calculation for ModelPatcher patches [(strength, patch, strength_model, offset,
+    function)]: comfy.lora.calculate_weight on v0.3.64 and 0.38, the ModelPatcher method on the 2024
+    host (which reads only the first three fields and uses `self` only for nested patch lists)."""
+    if hasattr(comfy.lora, "calculate_weight"):
+        return comfy.lora.calculate_weight(patches, weight, key)
+    return comfy.model_patcher.ModelPatcher.calculate_weight(None, patches, weight, key)
+
+
+def patch_kind(patch):
+    """'lora', 'loha', 'lokr', 'glora', 'oft', 'boft', 'diff', 'set', …: the kind of one patch of
+    comfy.lora.load_lora (weight-adapter objects on v0.3.64 and 0.38, (kind, data) tuples on the 2024 host)."""
+    if isinstance(patch, tuple):
+        return patch[0] if len(patch) == 2 and isinstance(patch[0], str) else "diff"
+    return getattr(patch, "name", type(patch).__name__)

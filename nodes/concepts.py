@@ -40,6 +40,7 @@ def check_embedding(source, word, embedding, family=SD15):
 class ConceptSet:
     embeddings: tuple = ()   # ((word, [layers, context width] tensor), ...) in load order
     sources: tuple = ()      # ((word, file name), ...)
+    triggers: tuple = ()     # ((plain-text trigger phrase, file name), ...) of fused ordinary LoRAs
 
     def __deepcopy__(self, memo):
         return self
@@ -64,7 +65,17 @@ class ConceptSet:
                     f"{source}: word {word} is already provided by {self.source_of(word)}; "
                     f"two concepts cannot share a word (rename one when fusing)")
         added = tuple((w, e.detach().to(torch.float32).clone()) for w, e in embeddings.items())
-        return ConceptSet(self.embeddings + added, self.sources + tuple((w, source) for w in embeddings))
+        return ConceptSet(self.embeddings + added, self.sources + tuple((w, source) for w in embeddings),
+                          self.triggers)
+
+    def with_triggers(self, phrases, source):
+        """A new set that also records an ordinary LoRA's plain-text trigger phrases."""
+        taken = {p.lower(): s for p, s in self.triggers}
+        for phrase in phrases:
+            if phrase.lower() in taken:
+                raise ConceptCollisionError(f"{source}: trigger word {phrase!r} is already used by "
+                                            f"{taken[phrase.lower()]}; two concepts cannot share a trigger word")
+        return ConceptSet(self.embeddings, self.sources, self.triggers + tuple((p, source) for p in phrases))
 
 
 def concepts_of(clip):

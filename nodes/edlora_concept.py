@@ -15,8 +15,29 @@ class Concept:
     text_encoder_alpha: float
 
     @property
+    def name(self):
+        return self.edlora.name
+
+    @property
     def words(self):
         return self.edlora.words
+
+    @property
+    def prompt_words(self):
+        """The words of its capture prompts."""
+        return self.words
+
+    @property
+    def claims(self):
+        """What no other concept in one fusion may also use."""
+        return self.words
+
+    triggers = ()    # plain-text words (ordinary LoRAs only)
+    averaged = {}    # model key -> layer weight-averaged instead of fused (ordinary LoRAs only)
+
+    def bind(self, model, clip):
+        """This concept resolved against MODEL/CLIP (an ED-LoRA needs nothing more)."""
+        return self
 
     def record(self):
         return {"name": self.edlora.name, "words": self.words, "unet_alpha": self.unet_alpha,
@@ -38,14 +59,14 @@ def parse_rename(text, words, source):
 
 def add_concept(concepts, concept):
     """concepts + [concept], refusing two concepts that share a word."""
-    taken = {w: c.edlora.name for c in concepts for w in c.words}
-    for word in concept.words:
+    taken = {w: c.name for c in concepts for w in c.claims}
+    for word in concept.claims:
         if word in taken:
-            raise ConceptCollisionError(
-                f"{concept.edlora.name}: word {word} is already used by {taken[word]}; "
-                f"rename it (rename input, e.g. '{word}=<other1>')")
-    if len(set(concept.words)) != len(concept.words):
-        raise ConceptCollisionError(f"{concept.edlora.name}: renaming gave two words the same name")
+            fix = (f"rename it (rename input, e.g. '{word}=<other1>')" if word.startswith("<")
+                   else "two concepts cannot share a trigger word: each one selects its concept in prompts")
+            raise ConceptCollisionError(f"{concept.name}: word {word} is already used by {taken[word]}; {fix}")
+    if len(set(concept.claims)) != len(concept.claims):
+        raise ConceptCollisionError(f"{concept.name}: two of its words are the same")
     return list(concepts) + [concept]
 
 

@@ -24,6 +24,7 @@ from .layerwise import install_routing
 from .paths import check_output_name, file_fingerprint
 
 EMBEDDING_PREFIX = "mixofshow.embedding."
+TRIGGERS_KEY = "mixofshow.triggers"  # plain-text trigger words of fused ordinary LoRAs (absent in older files)
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 DEFAULT_DTYPE = "default"
 CASTABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -55,7 +56,8 @@ def save_fused_checkpoint(path, model, clip, vae=None, stats=None, dtype=DEFAULT
     concepts = concepts_of(clip)
     state = {k: v.to(target) if v.dtype in CASTABLE else v for k, v in checkpoint_state(model, clip, vae).items()}
     state.update({EMBEDDING_PREFIX + w: e.float().contiguous() for w, e in concepts.embeddings})
-    metadata = {"mixofshow.concepts": json.dumps([{"word": w, "source": concepts.source_of(w)} for w in concepts.words])}
+    metadata = {"mixofshow.concepts": json.dumps([{"word": w, "source": concepts.source_of(w)} for w in concepts.words]),
+                TRIGGERS_KEY: json.dumps([{"trigger": p, "source": source} for p, source in concepts.triggers])}
     check_finite(state, path)
     stats_path = stats_path_for(path)
     if os.path.isfile(stats_path):
@@ -94,6 +96,22 @@ def read_concepts(path):
     return concepts
 
 
+def read_triggers(path):
+    """[(phrase, source)] of a fused checkpoint's ordinary-LoRA trigger words ([] for older files)."""
+    name = os.path.basename(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            text = (f.metadata() or {}).get(TRIGGERS_KEY, "[]")
+        entries = json.loads(text)
+    except ValueError:
+        entries = None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("trigger"), str)
+                                                and isinstance(e.get("source", ""), str) for e in entries):
+        raise FusedCheckpointError(f"{name}: {TRIGGERS_KEY} metadata must be a JSON list of "
+                                   f'{{"trigger": "words", "source": "file"}} entries')
+    return [(e["trigger"], e.get("source") or "fused") for e in entries]
+
+
 def _concept_entries(name, metadata):
     """[(word, source)] of the mixofshow.concepts metadata: a JSON list of {"word", "source"}."""
     if "mixofshow.concepts" not in metadata:
@@ -122,6 +140,8 @@ def load_fused_checkpoint(path):
     registry = concepts_of(clip)
     for word, embedding, source in concepts:
         registry = registry.with_embeddings({word: embedding}, source)
+    for phrase, source in read_triggers(path):
+        registry = registry.with_triggers([phrase], source)
     set_concepts(clip, registry)
     stats = None
     stats_path = stats_path_for(path)

@@ -9,6 +9,7 @@ Inputs follow Mix-of-Show's three stages (notes §3.3):
   B. cross-attention k/v of layer l: the fused encoder's layer-l copies of the same prompts,
      at every position the UNet attends to ("all", default) or, as the original, only at the
      concept tokens and the end-of-text token ("concept_and_eos", 6 rows per concept and layer);
+     an ordinary LoRA's concept tokens are its trigger words' tokens (and embedding tokens);
   C. every other fused UNet layer: inputs while sampling "photo of a {words}" for the capture
      steps, no CFG, seeded, with concept i's UNet LoRA over the fused encoder and k/v.
 """
@@ -90,20 +91,34 @@ def capture_text_encoder(clip, words, paths):
 KV_POSITIONS = ("all", "concept_and_eos")
 
 
-def kv_positions(chunk, positions):
+def phrase_token_ids(clip, phrases):
+    """The token ids of each plain-text phrase (between the start and end tokens)."""
+    ids = ([token for token, *_ in clip.tokenize(phrase)["l"][0]] for phrase in phrases)
+    return [chunk[1:chunk.index(chunk[-1], 1)] for chunk in ids]
+
+
+def kv_positions(chunk, positions, phrases=()):
+    """Positions the k/v fit sees: all, or the concept tokens (embedding tokens and the runs of
+    `phrases` token ids, an ordinary LoRA's trigger words) and the end token."""
     if positions == "all":
         return list(range(len(chunk)))
-    return [i for i, (token, *_) in enumerate(chunk) if not isinstance(token, int)] + [valid_length(chunk) - 1]
+    tokens = [token if isinstance(token, int) else None for token, *_ in chunk]
+    marked = {i for i, token in enumerate(tokens) if token is None}
+    for ids in filter(None, phrases):
+        for start in range(len(tokens) - len(ids) + 1):
+            if tokens[start:start + len(ids)] == ids:
+                marked.update(range(start, start + len(ids)))
+    return sorted(marked) + [valid_length(chunk) - 1]
 
 
-def kv_inputs(fused_clip, words, positions="all"):
+def kv_inputs(fused_clip, words, positions="all", triggers=()):
     """Stage B rows per layer: [16] tensors [rows, 768] of both prompts' layer-l copies."""
     sections = layer_copies(fused_clip, words)
     out = fused_clip.encode_from_tokens({"l": sections}).reshape(len(sections), -1, sd15.TEXT_DIM)
-    layers = sd15.NUM_CROSS_ATTN_LAYERS
+    layers, phrases = sd15.NUM_CROSS_ATTN_LAYERS, phrase_token_ids(fused_clip, triggers)
     rows = [[] for _ in range(layers)]
     for index, chunk in enumerate(sections):
-        rows[index % layers].append(out[index, kv_positions(chunk, positions)])
+        rows[index % layers].append(out[index, kv_positions(chunk, positions, phrases)])
     return [torch.cat(r).float() for r in rows]
 
 

@@ -19,13 +19,16 @@ from ..mixofshow_core.merge_baselines import (custom_diffusion_merge, orthogonal
 from ..mixofshow_core import sd15
 from .concepts import concepts_of, set_concepts
 from .edlora_concept import Concept
-from .fusion_capture import KV_POSITIONS, capture_spatial, capture_text_encoder, kv_inputs, valid_length
+from .fusion_capture import (KV_POSITIONS, TEXT_PREFIX, capture_spatial, capture_text_encoder, kv_inputs,
+                             valid_length)
 from .layerwise import install_routing
+from .lora_concept import stand_in, low_rank_factors
 from .model_keys import ModelMismatchError, clip_weight_keys, require_sd15, unet_weight_keys, weight_shapes
 from .progress import Progress
 
 METHODS = ("gradient", "weight_average", "custom_diffusion", "orthogonal")
 TEXT, UNET = "text_encoder", "unet"
+AVERAGED_PREFIX = {TEXT: TEXT_PREFIX, UNET: "diffusion_model."}
 REGULARIZATION_CAPTIONS = 200
 LAMBDA_RULES = ("tolerance", "match_lbfgs")
 DEFAULT_LAMBDA_RULE = "match_lbfgs"
@@ -79,6 +82,8 @@ def concept_stats(concept, part, path, gram):
     layer = getattr(concept.edlora, part).get(path)
     if layer is None:
         return None
+    if not isinstance(layer, LoRALayer):  # an ordinary LoRA's layer: its materialised ΔW
+        return LayerStats.from_concept(gram, layer.delta(alpha_of(concept, part)).reshape(layer.weight_shape[0], -1))
     return LayerStats.from_lora(gram, layer.up, layer.down, alpha_of(concept, part) * layer.scale)
 
 
@@ -92,6 +97,7 @@ class Fusion:
         self.previous, self.tolerance, self.seed, self.progress = previous, tolerance, seed, progress
         self.kv_positions = previous.kv_positions if previous is not None else kv_positions
         self.keys = {TEXT: clip_weight_keys(clip), UNET: unet_weight_keys(model)}
+        self.keys[TEXT].update({p: f"{TEXT_PREFIX}{p}.weight" for c in concepts for p in c.edlora.text_encoder})
         self.shapes = {TEXT: weight_shapes(clip.patcher), UNET: weight_shapes(model)}
         self.old = {}
         if previous is not None:
@@ -133,9 +139,26 @@ class Fusion:
         return clone
 
     def with_concept(self, patcher, concept, part, paths):
-        """A clone whose layers `paths` are W0 + α·ΔW_i of this concept."""
+        """A clone whose layers `paths` are W0 + α·ΔW_i of this concept (and, for an ordinary
+        LoRA, its weight-averaged layers too: it captures with its whole LoRA)."""
         changes = {p: concept_delta(concept, part, p, self.shape(part, p)) for p in paths}
-        return self.patched(patcher, part, changes)
+        clone = self.patched(patcher, part, changes)
+        clone.add_patches({k: ("diff", (layer.delta(),)) for k, layer in concept.averaged.items()
+                           if k.startswith(AVERAGED_PREFIX[part])}, 1.0)
+        return clone
+
+    def with_averaged(self, patcher, part):
+        """A clone with Σ_i ΔW_i / N on the layers ordinary LoRAs carry outside the fused set
+        (3x3 convolutions, norms, biases). N counts earlier fused concepts too."""
+        count = len(self.concepts) + (len(self.previous.concepts) if self.previous is not None else 0)
+        sums = {}
+        for concept in self.concepts:
+            for key, layer in concept.averaged.items():
+                if key.startswith(AVERAGED_PREFIX[part]):
+                    sums[key] = sums.get(key, 0.0) + layer.delta()
+        clone = patcher.clone()
+        clone.add_patches({k: ("diff", (total / count,)) for k, total in sums.items()}, 1.0)
+        return clone
 
     def stage(self, part, paths, add_previous=True):
         return Stage(self, part, paths, add_previous)
@@ -168,7 +191,7 @@ class Fusion:
         for index, record in enumerate(self.previous.concepts):
             unet = {path: LoRALayer(down, up) for path, (up, down) in self.previous.kv_loras.get(index, {}).items()}
             edlora = EDLoRA({w: embeddings[w] for w in record["words"]}, unet, {}, record["name"])
-            stand_ins.append(Concept(edlora, 1.0, 1.0))
+            stand_ins.append(stand_in(edlora, record) if record.get("triggers") else Concept(edlora, 1.0, 1.0))
         return stand_ins
 
     def kv_loras(self):
@@ -176,11 +199,18 @@ class Fusion:
         loras = dict(self.previous.kv_loras) if self.previous is not None else {}
         offset = len(self.previous.concepts) if self.previous is not None else 0
         for index, concept in enumerate(self.concepts):
-            loras[offset + index] = {
-                path: (layer.up.reshape(layer.up.shape[0], -1) * (concept.unet_alpha * layer.scale),
-                       layer.down.reshape(layer.down.shape[0], -1))
-                for path, layer in concept.edlora.unet.items() if path in self.layers["kv"]}
+            loras[offset + index] = {path: kv_factors(concept, layer) for path, layer in concept.edlora.unet.items()
+                                     if path in self.layers["kv"]}
         return loras
+
+
+def kv_factors(concept, layer):
+    """(up, down) with ΔW = up @ down (α folded into up); an ordinary LoRA's ΔW is factored exactly
+    to its numerical rank."""
+    if not isinstance(layer, LoRALayer):
+        return low_rank_factors(layer.delta(concept.unet_alpha))
+    return (layer.up.reshape(layer.up.shape[0], -1) * (concept.unet_alpha * layer.scale),
+            layer.down.reshape(layer.down.shape[0], -1))
 
 
 class Stage:
@@ -231,6 +261,7 @@ def register_concepts(clip, concepts):
     registry = concepts_of(clip)
     for concept in concepts:
         registry = registry.with_embeddings(concept.edlora.embeddings, concept.edlora.name)
+        registry = registry.with_triggers(concept.triggers, concept.edlora.name)
     set_concepts(clip, registry)
     return clip
 
@@ -281,10 +312,11 @@ def fuse_captured(fusion, steps, resolution):
     for number, concept in enumerate(fusion.concepts, 1):
         fusion.progress.at(concept_label("text encoder", number, len(fusion.concepts), concept))
         client = fusion.with_concept(concept_clip(fusion.clip, concept), concept, TEXT, text_paths)
-        text.add(concept, capture_text_encoder(client, concept.words, text_paths))
+        text.add(concept, capture_text_encoder(client, concept.prompt_words, text_paths))
         fusion.progress.step()
     text_changes = text.solve("text encoder")
-    fused_clip = register_concepts(fusion.patched(fusion.clip, TEXT, text_changes), fusion.concepts)
+    fused_clip = register_concepts(fusion.with_averaged(fusion.patched(fusion.clip, TEXT, text_changes), TEXT),
+                                   fusion.concepts)
 
     # k/v needs only text-encoder passes: every concept, earlier ones included, is recaptured with
     # the new fused encoder, so adding a concept gives exactly the from-scratch k/v
@@ -292,7 +324,7 @@ def fuse_captured(fusion, steps, resolution):
     kv_concepts = fusion.stored_concepts(fused_clip) + list(fusion.concepts)
     for number, concept in enumerate(kv_concepts, 1):
         fusion.progress.at(concept_label("cross-attention k/v", number, len(kv_concepts), concept))
-        kv.add(concept, KVGrams(kv_inputs(fused_clip, concept.words, fusion.kv_positions)))
+        kv.add(concept, KVGrams(kv_inputs(fused_clip, concept.prompt_words, fusion.kv_positions, concept.triggers)))
         fusion.progress.step()
     kv_changes = kv.solve("cross-attention k/v")
     fused_kv = fusion.patched(fusion.model, UNET, kv_changes)
@@ -302,10 +334,10 @@ def fuse_captured(fusion, steps, resolution):
         label = concept_label("UNet layers", index + 1, len(fusion.concepts), concept)
         client = install_routing(fusion.with_concept(fused_kv, concept, UNET, spatial_paths))
         seed = fusion.seed + len(fusion.previous.concepts if fusion.previous else []) + index
-        spatial.add(concept, capture_spatial(client, fused_clip, concept.words, spatial_paths, fusion.keys[UNET],
+        spatial.add(concept, capture_spatial(client, fused_clip, concept.prompt_words, spatial_paths, fusion.keys[UNET],
                                              steps, resolution, seed, SamplingSteps(fusion.progress, label, steps)))
     spatial_changes = spatial.solve("UNet layers")
-    fused_model = install_routing(fusion.patched(fused_kv, UNET, spatial_changes))
+    fused_model = install_routing(fusion.with_averaged(fusion.patched(fused_kv, UNET, spatial_changes), UNET))
     return fused_model, fused_clip
 
 
@@ -320,8 +352,8 @@ def fuse_weight_average(fusion):
     text = averaged_changes(fusion, TEXT, fusion.layers["text"])
     unet = averaged_changes(fusion, UNET, fusion.layers["kv"] + fusion.layers["spatial"])
     fusion.progress.step(len(text) + len(unet))
-    clip = register_concepts(fusion.patched(fusion.clip, TEXT, text), fusion.concepts)
-    return install_routing(fusion.patched(fusion.model, UNET, unet)), clip
+    clip = register_concepts(fusion.with_averaged(fusion.patched(fusion.clip, TEXT, text), TEXT), fusion.concepts)
+    return install_routing(fusion.with_averaged(fusion.patched(fusion.model, UNET, unet), UNET)), clip
 
 
 def caption_rows(clip, captions):
@@ -335,9 +367,9 @@ def fuse_custom_diffusion(fusion):
     """Custom Diffusion's constrained closed form on attn2 k/v (concept tokens map exactly to
     their fine-tuned outputs, regulariser captions stay at W0); other layers weight-averaged."""
     text = averaged_changes(fusion, TEXT, fusion.layers["text"])
-    clip = register_concepts(fusion.patched(fusion.clip, TEXT, text), fusion.concepts)
+    clip = register_concepts(fusion.with_averaged(fusion.patched(fusion.clip, TEXT, text), TEXT), fusion.concepts)
     regulariser = caption_rows(clip, regularization_captions(REGULARIZATION_CAPTIONS))
-    rows = [kv_inputs(clip, concept.words, "concept_and_eos") for concept in fusion.concepts]
+    rows = [kv_inputs(clip, concept.prompt_words, "concept_and_eos", concept.triggers) for concept in fusion.concepts]
     kv = {}
     for number, path in enumerate(fusion.layers["kv"], 1):
         fusion.progress.at(f"Custom Diffusion k/v merge: layer {number}/{len(fusion.layers['kv'])}")
@@ -349,7 +381,7 @@ def fuse_custom_diffusion(fusion):
                                           regulariser.double()).float()
         fusion.progress.step()
     unet = {**kv, **averaged_changes(fusion, UNET, fusion.layers["spatial"])}
-    return install_routing(fusion.patched(fusion.model, UNET, unet)), clip
+    return install_routing(fusion.with_averaged(fusion.patched(fusion.model, UNET, unet), UNET)), clip
 
 
 def fuse(model, clip, concepts, method="gradient", capture_steps=20, capture_resolution=512, seed=0,
@@ -364,6 +396,7 @@ def fuse(model, clip, concepts, method="gradient", capture_steps=20, capture_res
         raise ValueError(f"kv_positions: {kv_positions!r} is not one of {', '.join(KV_POSITIONS)}")
     if previous is not None and method != "gradient":
         raise ValueError(f"fusion_stats: adding concepts to saved statistics needs method 'gradient', not {method!r}")
+    concepts = [concept.bind(model, clip) for concept in concepts]  # ordinary LoRAs: every layer checked
     register_concepts(clip.clone(), concepts)  # refuses words the CLIP already knows, before any work
     layer_count = sum(len(p) for p in fused_layers(concepts).values())
     captured = method in ("gradient", "orthogonal")
