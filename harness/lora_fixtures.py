@@ -29,13 +29,13 @@ def diffusers_name(part, path):
     return "unet." + (path[:-2] if path.endswith(".to_out.0") else path)
 
 
-def lora_layers(model, clip, style):
+def lora_layers(model, clip, style, attention_only=False):
     """[(part, module path, weight shape, model key)]: the transformer blocks' attention, ff and
     projection layers and the text encoder's linears (diffusers/peft: attention only, as diffusers
     trains them); LoCon adds the 3x3 convolutions of the first down block's resnets."""
     unet_keys, text_keys = unet_weight_keys(model), clip_weight_keys(clip)
     unet_shapes, text_shapes = weight_shapes(model), weight_shapes(clip.patcher)
-    attention_only = style in ("diffusers", "peft")
+    attention_only = attention_only or style in ("diffusers", "peft")
     layers = []
     for path, key in sorted(unet_keys.items()):
         shape = unet_shapes.get(key)
@@ -52,7 +52,7 @@ def lora_layers(model, clip, style):
     return layers
 
 
-def random_lora(model, clip, style, seed=0, rank=4, scale=0.5, text_scale=0.05):
+def random_lora(model, clip, style, seed=0, rank=4, scale=0.5, text_scale=0.05, attention_only=False):
     """(state dict of a LoRA file in `style`, {model key: ΔW at strength 1} from plain torch)."""
     generator = torch.Generator().manual_seed(seed)
 
@@ -60,7 +60,7 @@ def random_lora(model, clip, style, seed=0, rank=4, scale=0.5, text_scale=0.05):
         return torch.randn(shape, generator=generator)
 
     state, expected = {}, {}
-    for part, path, shape, key in lora_layers(model, clip, style):
+    for part, path, shape, key in lora_layers(model, clip, style, attention_only):
         out_dim, in_dim, kernel = shape[0], shape[1], tuple(shape[2:])
         size = scale if part == "unet" else text_scale
         alpha = rank / 2.0
@@ -197,3 +197,30 @@ def mixed_identity(model, clip, capture):
         for method, candidate in candidates.items():
             table[method][concept.name] = identity_error(candidate, own, (model, clip), prompt, states)
     return table
+
+
+# the two ordinary LoRAs of workflows/fuse_two_loras*.json: (file name, trigger word, seed)
+DEMO_LORAS = (("mixofshow_demo_lora_alice.safetensors", "alicea", 31),
+              ("mixofshow_demo_lora_bob.safetensors", "bobbo", 32))
+
+
+def write_demo_loras(checkpoint, folder):
+    """Seeded kohya LoRAs (attention and text-encoder linears) for the demo checkpoint, with kohya
+    training-tag metadata naming their trigger words, written into `folder` if missing."""
+    import json
+    from pathlib import Path
+    from safetensors.torch import save_file
+    paths = [Path(folder) / name for name, _, _ in DEMO_LORAS]
+    if all(p.is_file() and p.stat().st_mtime >= Path(checkpoint).stat().st_mtime for p in paths):
+        return paths
+    with torch.inference_mode():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(str(checkpoint), output_vae=False, output_clip=True)
+        for path, (_, trigger, seed) in zip(paths, DEMO_LORAS):
+            state, _ = random_lora(model, clip, "kohya", seed=seed, scale=0.2, attention_only=True)
+            tags = {f"10_{trigger}": {trigger: 10, "1girl" if trigger == "alicea" else "1boy": 9, "smile": 4}}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name("." + path.name + ".partial")
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                      metadata={"ss_tag_frequency": json.dumps(tags)})
+            tmp.replace(path)
+    return paths

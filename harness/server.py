@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = ROOT / ".host" / "run"  # == harness.host.RUN_DIR
 PLUGIN_LINK_NAME = "ComfyUI-MixOfShow"
 MODEL_FOLDERS = {"checkpoints": "models/checkpoints", "edlora": "models/edlora",
-                 "controlnet": "models/controlnet"}
+                 "controlnet": "models/controlnet", "loras": "models/loras", "embeddings": "models/embeddings"}
 
 
 try:

@@ -22,13 +22,13 @@ from .edlora_concept import Concept
 from .fusion_capture import (KV_POSITIONS, TEXT_PREFIX, capture_spatial, capture_text_encoder, kv_inputs,
                              valid_length)
 from .layerwise import install_routing
-from .lora_concept import stand_in, low_rank_factors
+from .lora_concept import UNET_PREFIX, low_rank_factors, stand_in
 from .model_keys import ModelMismatchError, clip_weight_keys, require_sd15, unet_weight_keys, weight_shapes
 from .progress import Progress
 
 METHODS = ("gradient", "weight_average", "custom_diffusion", "orthogonal")
 TEXT, UNET = "text_encoder", "unet"
-AVERAGED_PREFIX = {TEXT: TEXT_PREFIX, UNET: "diffusion_model."}
+AVERAGED_PREFIX = {TEXT: TEXT_PREFIX, UNET: UNET_PREFIX}
 REGULARIZATION_CAPTIONS = 200
 LAMBDA_RULES = ("tolerance", "match_lbfgs")
 DEFAULT_LAMBDA_RULE = "match_lbfgs"
@@ -38,10 +38,12 @@ LAMBDA_RULE_WHEN_ABSENT = "tolerance"
 ORIGINAL_ITERATIONS = {"text": 500, "kv": 500, "spatial": 50}
 
 
-def fused_layers(concepts):
-    """{part: paths}: the union of every concept's LoRA layers, k/v separate from the rest."""
-    text = sorted({p for c in concepts for p in c.edlora.text_encoder})
-    unet = {p for c in concepts for p in c.edlora.unet}
+def fused_layers(concepts, previous=None):
+    """{part: paths}: the union of every concept's LoRA layers and the layers an earlier fusion
+    solved (`previous` statistics), k/v separate from the rest."""
+    earlier = [name.split(":", 1) for name in (previous.layers if previous is not None else {})]
+    text = sorted({p for c in concepts for p in c.edlora.text_encoder} | {p for part, p in earlier if part == TEXT})
+    unet = {p for c in concepts for p in c.edlora.unet} | {p for part, p in earlier if part == UNET}
     kv = sorted(p for p in unet if p.endswith((".attn2.to_k", ".attn2.to_v")))
     return {"text": text, "kv": kv, "spatial": sorted(unet - set(kv))}
 
@@ -96,14 +98,14 @@ class Fusion:
         self.model, self.clip, self.concepts, self.method = model, clip, concepts, method
         self.previous, self.tolerance, self.seed, self.progress = previous, tolerance, seed, progress
         self.kv_positions = previous.kv_positions if previous is not None else kv_positions
+        self.layers = fused_layers(concepts, previous)
         self.keys = {TEXT: clip_weight_keys(clip), UNET: unet_weight_keys(model)}
-        self.keys[TEXT].update({p: f"{TEXT_PREFIX}{p}.weight" for c in concepts for p in c.edlora.text_encoder})
+        self.keys[TEXT].update({p: f"{TEXT_PREFIX}{p}.weight" for p in self.layers["text"]})
         self.shapes = {TEXT: weight_shapes(clip.patcher), UNET: weight_shapes(model)}
         self.old = {}
         if previous is not None:
             self.old = {name: solve_layer(name, stats, previous.tolerance, previous.kv_positions)
                         for name, stats in previous.layers.items()}
-        self.layers = fused_layers(concepts)
         self.stats = {}
         self._check_layers()
 
@@ -398,7 +400,7 @@ def fuse(model, clip, concepts, method="gradient", capture_steps=20, capture_res
         raise ValueError(f"fusion_stats: adding concepts to saved statistics needs method 'gradient', not {method!r}")
     concepts = [concept.bind(model, clip) for concept in concepts]  # ordinary LoRAs: every layer checked
     register_concepts(clip.clone(), concepts)  # refuses words the CLIP already knows, before any work
-    layer_count = sum(len(p) for p in fused_layers(concepts).values())
+    layer_count = sum(len(p) for p in fused_layers(concepts, previous).values())
     captured = method in ("gradient", "orthogonal")
     stored = len(previous.concepts) if previous is not None else 0
     progress = Progress(layer_count + (len(concepts) * (2 + capture_steps) + stored if captured else 0))

@@ -24,13 +24,13 @@ from ..mixofshow_core.safe_io import (UnreadableFileError, read_safetensors, rea
                                       read_torch_weights)
 from .compat import calculate_weight, patch_kind
 from .edlora_concept import add_concept
+from .fusion_capture import TEXT_PREFIX
 from .model_keys import unet_weight_keys
 from .paths import file_fingerprint, inside
 
 LORA_FOLDER, EMBEDDING_FOLDER = "loras", "embeddings"
 NO_EMBEDDING = "none"
-UNET_PREFIX, TEXT_PREFIX = "diffusion_model.", "clip_l.transformer."
-LINEAR_TYPES = (torch.nn.Linear, torch.nn.Conv2d)
+UNET_PREFIX = "diffusion_model."
 
 
 def folder_file(folder, value, input_name):

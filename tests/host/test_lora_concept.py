@@ -6,8 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfyui_mixofshow.harness.fusion_checks import CAPTURE, capture_sample, loaded_weights, relative_error
+from comfyui_mixofshow.harness.fusion_checks import (CAPTURE, capture_sample, loaded_weights, relative_error,
+                                                      seeded_concepts)
 from comfyui_mixofshow.harness.lora_fixtures import STYLES, mixed_identity, random_lora, stock_lora
+from comfyui_mixofshow.mixofshow_core.fusion_stats import load_fusion_stats, save_fusion_stats
 from comfyui_mixofshow.mixofshow_core.lora_files import LoRAFileError
 from comfyui_mixofshow.nodes.concepts import ConceptCollisionError, concepts_of
 from comfyui_mixofshow.nodes.gradient_fuse import fuse
@@ -87,6 +89,26 @@ def test_fusing_one_ordinary_lora_reproduces_its_own_model(model, clip):
     expected = capture_sample(*own, ["zorbo"])
     # the sampling run fusion captured, relative to what the LoRA changes
     assert relative_error(capture_sample(fused_model, fused_clip, ["zorbo"]), expected, plain) < 1e-2
+
+
+def test_adding_an_edlora_to_a_fused_lora_gives_the_from_scratch_kv(tmp_path, model, clip):
+    """The fused LoRA's k/v stand-in (saved record + factored k/v ΔW) is recaptured with the new
+    fused encoder, so the k/v layers match fusing both from scratch."""
+    state, _ = random_lora(model, clip, "kohya", seed=9)
+    lora, edlora = concept(state), seeded_concepts(model, clip, 1)[0]
+    first_model, first_clip, first_stats = fuse(model, clip, [lora], "gradient", **CAPTURE)
+    save_fusion_stats(first_stats, str(tmp_path / "one.fusionstats"))
+    reloaded = load_fusion_stats(str(tmp_path / "one.fusionstats"))
+    assert reloaded.concepts[0]["triggers"] == ["zorbo"] and set(reloaded.kv_loras[0])
+    added_model, added_clip, _ = fuse(first_model, first_clip, [edlora], "gradient", previous=reloaded, **CAPTURE)
+    scratch_model, scratch_clip, _ = fuse(model, clip, [lora, edlora], "gradient", **CAPTURE)
+    for clip_ in (added_clip, scratch_clip):
+        assert concepts_of(clip_).words == ["<a1>", "<a2>"] and concepts_of(clip_).triggers == (("zorbo", "lora.safetensors"),)
+    base, added, scratch = loaded_weights(model), loaded_weights(added_model), loaded_weights(scratch_model)
+    kv = [k for k in base if ".attn2.to_k" in k or ".attn2.to_v" in k]
+    difference = sum(float((added[k].double() - scratch[k].double()).square().sum()) for k in kv)
+    change = sum(float((scratch[k].double() - base[k].double()).square().sum()) for k in kv)
+    assert change > 0 and (difference / change) ** 0.5 < 1e-3
 
 
 def test_mixed_fusion_keeps_identities_better_than_averaging_and_stacking(model, clip):

@@ -1,15 +1,16 @@
 """Every shipped workflow loads on the running host (a real server, harness/server.py): the API ones
 (workflows/api/) as POST /prompt would validate them, the UI ones (workflows/) as the frontend
 would load them, all against the server's /object_info. The model folders hold the files
-scripts/demo.sh makes (empty stand-ins under the demo's names) and the keypose adapter the
-workflows name, so the file lists are the ones a user sees after the demo: the workflows must
-default to files the demo makes."""
+scripts/demo.sh makes (empty stand-ins under the demo's names), the keypose adapter the
+workflows name and the two LoRAs of fuse_two_loras (harness.lora_fixtures.DEMO_LORAS), so the file
+lists are the ones a user sees after the demo: the workflows must default to files the demo makes."""
 import json
 import urllib.error
 
 import pytest
 
 from comfyui_mixofshow.harness import demo, demo_models, workflows
+from comfyui_mixofshow.harness.lora_fixtures import DEMO_LORAS
 
 from .node_specs import plain_spec
 from .server_runs import VIRTUAL_NODES, WORKFLOWS, prepared_server, running, ui_to_api
@@ -24,7 +25,8 @@ def demo_files():
     """{models subfolder: names} of what scripts/demo.sh leaves in the model folders."""
     return {"checkpoints": [demo_models.DEMO_CHECKPOINT],
             "edlora": [demo_models.demo_edlora_name(animal) for animal, _ in demo.DEMO_TRAINING],
-            "controlnet": [demo_models.DEMO_CONTROLNET, ADAPTER]}
+            "controlnet": [demo_models.DEMO_CONTROLNET, ADAPTER],
+            "loras": [name for name, _, _ in DEMO_LORAS]}
 
 
 @pytest.fixture(scope="module")
