@@ -391,7 +391,7 @@ def fuse(model, clip, concepts, method="gradient", capture_steps=20, capture_res
     """(fused MODEL, fused CLIP knowing every concept's words, FusionStats or None).
     tolerance None: each layer matches the original's L-BFGS objective (solve_layer)."""
     if not concepts:
-        raise ValueError("concepts: the list is empty; connect at least one 'EDLoRA Concept'")
+        raise ValueError("concepts: the list is empty; connect at least one 'EDLoRA Concept' or 'LoRA Concept'")
     if method not in METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
     if kv_positions not in KV_POSITIONS:
@@ -420,8 +420,8 @@ def fuse(model, clip, concepts, method="gradient", capture_steps=20, capture_res
 
 
 class GradientFuse:
-    DESCRIPTION = ("Fuses several ED-LoRA concepts into one model so each keeps its identity (Mix-of-Show "
-                   "gradient fusion): per layer, the weights that best reproduce every concept's own layer "
+    DESCRIPTION = ("Fuses several ED-LoRA concepts and ordinary LoRAs into one model so each keeps its identity "
+                   "(Mix-of-Show gradient fusion): per layer, the weights that best reproduce every concept's own layer "
                    "outputs on its own inputs, solved in closed form from Gram matrices captured while the "
                    "model runs (memory flat in the number of concepts and steps). Baselines: weight average, "
                    "Custom Diffusion's k/v merge, orthogonal (ZipLoRA-style) merge.")
@@ -440,7 +440,8 @@ class GradientFuse:
                 "model": ("MODEL", {"tooltip": "The base SD1.5 model the ED-LoRAs were trained on (or a fused "
                                                "model together with its fusion_stats)."}),
                 "clip": ("CLIP", {"tooltip": "The base model's CLIP."}),
-                "concepts": ("EDLORA_CONCEPTS", {"tooltip": "The concepts from chained 'EDLoRA Concept' nodes."}),
+                "concepts": ("EDLORA_CONCEPTS", {"tooltip": "The concepts from chained 'EDLoRA Concept' and 'LoRA "
+                                                           "Concept' nodes."}),
                 "method": (list(METHODS), {"default": "gradient",
                                            "tooltip": "gradient: Mix-of-Show's fusion. weight_average: ΣΔW/N. "
                                                       "custom_diffusion: constrained k/v merge. orthogonal: "

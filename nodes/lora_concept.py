@@ -26,7 +26,7 @@ from .compat import calculate_weight, patch_kind
 from .edlora_concept import add_concept
 from .fusion_capture import TEXT_PREFIX
 from .model_keys import unet_weight_keys
-from .paths import file_fingerprint, inside
+from .paths import UnsafePathError, file_fingerprint
 
 LORA_FOLDER, EMBEDDING_FOLDER = "loras", "embeddings"
 NO_EMBEDDING = "none"
@@ -34,13 +34,16 @@ UNET_PREFIX = "diffusion_model."
 
 
 def folder_file(folder, value, input_name):
-    """The real path of file `value` in ComfyUI folder `folder` (refused if it leads outside it)."""
+    """The file `value` names in ComfyUI folder `folder`, found as LoraLoader finds it (links the
+    user placed in the folder are followed); a name that is absolute or climbs out with '..' is
+    refused whether or not it exists."""
     label = f"models/{folder}"
-    for root in folder_paths.get_folder_paths(folder):
-        path = inside(root, value, input_name, label)
-        if os.path.isfile(path):
-            return path
-    raise FileNotFoundError(f"{input_name}: {excerpt(value)} is not in {label}")
+    if os.path.isabs(value) or ".." in value.replace("\\", "/").split("/"):
+        raise UnsafePathError(f"{input_name} {excerpt(value)}: must be a path inside {label} (relative, without '..')")
+    path = folder_paths.get_full_path(folder, value)
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(f"{input_name}: {excerpt(value)} is not in {label}")
+    return path
 
 
 def read_tensor_file(path):

@@ -175,8 +175,10 @@ def test_bad_files_give_one_error_naming_the_file_and_the_layer_kind(lora_folder
         add("garbage.safetensors")
     with pytest.raises(FileNotFoundError, match="lora_name: 'missing.safetensors' is not in models/loras"):
         add("missing.safetensors")
-    with pytest.raises(UnsafePathError, match="lora_name '../escape.safetensors'"):
-        add("../escape.safetensors")
+    (lora_folder / "escape.safetensors").write_bytes((lora_folder / "loras" / "wrong.safetensors").read_bytes())
+    for outside in ("../escape.safetensors", str(lora_folder / "escape.safetensors")):
+        with pytest.raises(UnsafePathError, match=f"lora_name '{outside}': must be a path inside models/loras"):
+            add(outside)
 
 
 def test_colliding_trigger_words_are_refused(lora_folder, model, clip):
