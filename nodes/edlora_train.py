@@ -1,5 +1,5 @@
 """EDLoRA Train: Mix-of-Show single-client ED-LoRA training (notes §1) on the host's MODEL,
-CLIP and VAE.
+CLIP and VAE, for every model family (mixofshow_core.families: SD1.5, SDXL).
 
 Node functions run inside torch.inference_mode() and the host's weights are inference
 tensors, which autograd may not keep for backward; current ComfyUI also loads weights
@@ -7,9 +7,11 @@ dynamically (cast per op, patches applied on the fly), so its loaded modules are
 modules to train through. Training therefore runs on private UNet and text-encoder modules
 built from the host's own model config with plain ops, holding copies (made with inference
 mode off) of the weights with every host patch applied; the user's MODEL and CLIP are never
-touched. Concept words are not added to the vocabulary: their [16, 768] tables are trained
-directly and spliced in by EDLoRA Text Encode's sentinel mechanism (bound_copies), and
-cross-attention layer l reads encoding l through the same attn2 patch as at inference.
+touched. Concept words are not added to the vocabulary: their [rows, context width] tables
+(clip_l ‖ clip_g columns on SDXL) are trained directly and spliced in by EDLoRA Text Encode's
+sentinel mechanism (bound_token_copies), and cross-attention layer l reads encoding l through
+the same attn2 patch as at inference. SDXL's ADM input (the pooled output of the last encoder
+with the size conditioning of each training image) comes from the host model's own encode_adm.
 
 An interrupt (the host's exception, raised from the progress hook or, in current ComfyUI, from
 inside any op) saves a resumable state at the last completed step and is raised again.
@@ -20,6 +22,7 @@ import json
 import logging
 import os
 from contextlib import ExitStack, contextmanager
+from typing import NamedTuple
 
 import comfy.model_management
 import comfy.model_sampling
@@ -34,8 +37,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock
 from PIL import Image
 
-from ..mixofshow_core import sd15
-from ..mixofshow_core.edlora_format import (CONCEPT_WORD, EDLoRA, LoRALayer, check_pth_replaceable, save_edlora,
+from ..mixofshow_core.edlora_format import (BASE_FAMILY, CONCEPT_WORD, EDLoRA, LoRALayer, check_pth_replaceable, save_edlora,
                                             save_edlora_with_pth)
 from ..mixofshow_core.training.attention import AttentionProbe
 from ..mixofshow_core.training.dataset import load_dataset
@@ -50,17 +52,21 @@ from ..mixofshow_core.training.state import TrainingStateError, load_training_st
 from ..mixofshow_core.training.transforms import CAPTION_TEMPLATES, bind_placeholder, longest_template
 from . import compat
 from .edlora_loader import apply_edlora
-from .edlora_text_encode import bound_copies, encode_layerwise, single_token_id
-from .layerwise import CONTEXT_KEY, select_layer_context
-from .model_keys import require_sd15, unet_weight_keys
+from .edlora_text_encode import bound_token_copies, encode_layerwise, single_token_id
+from .layerwise import CONTEXT_KEY, SELECTORS
+from .model_keys import require_family, unet_weight_keys
 from .paths import (EDLORA_FOLDER, STATE_FOLDER, WrittenFiles, check_output_name, input_folder, inside,
                     training_state_root)
 
 PREVIEW_ALPHAS = (0.0, 0.7, 1.0)
 PREVIEW_CFG = 7.5
 PRECISIONS = {"fp32": "no", "fp16 autocast": "fp16", "bf16 autocast": "bf16"}
+# the host's config file of each text encoder (widths and layer count are read from the loaded weights)
+ENCODER_CONFIGS = {"clip_l": "sd1_clip_config.json", "clip_g": "clip_config_bigg.json"}
+HIDDEN_LAYER = {"last": None, "penultimate": -2}  # encoder.layer -> the host encoder's intermediate_output
+END_TOKEN = 49407  # CLIP's end-of-text token: its row is the pooled output
+TEXT_PARTS = ("text", "text_2")  # training's adapter parts, one per text encoder in the family's order
 WRITTEN = WrittenFiles()
-LAYERS = sd15.NUM_CROSS_ATTN_LAYERS
 log = logging.getLogger("mixofshow")
 
 
@@ -90,40 +96,44 @@ def unet_copy(model, device, dtype):
     return loaded_copy(skeleton, compat.patched_weights(model, "diffusion_model.", device), device, dtype)
 
 
-def text_encoder_copy(clip, device, dtype):
-    """The CLIP's SD1.5 text transformer with every weight patch applied, as a private module with
-    plain ops: the host's CLIP-L config with the loaded model's layer count."""
-    transformer = clip.cond_stage_model.clip_l.transformer
-    with open(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), "sd1_clip_config.json")) as f:
-        config = dict(json.load(f), num_hidden_layers=transformer.num_layers)
+def text_encoder_copy(clip, encoder, device, dtype):
+    """One of the CLIP's text transformers (families.Encoder) with every weight patch applied, as a
+    private module with plain ops: the host's config of that encoder with the loaded model's widths
+    and layer count."""
+    transformer = getattr(clip.cond_stage_model, encoder.name).transformer
+    with open(os.path.join(os.path.dirname(comfy.sd1_clip.__file__), ENCODER_CONFIGS[encoder.name])) as f:
+        config = dict(json.load(f), num_hidden_layers=transformer.num_layers,
+                      hidden_size=transformer.get_input_embeddings().weight.shape[1],
+                      intermediate_size=transformer.text_model.encoder.layers[0].mlp.fc1.weight.shape[0])
     with torch.no_grad():
         skeleton = type(transformer)(config, dtype or transformer.dtype, "meta", comfy.ops.disable_weight_init)
-    return loaded_copy(skeleton, compat.patched_weights(clip.patcher, "clip_l.transformer.", device), device, dtype)
+    weights = compat.patched_weights(clip.patcher, encoder.comfy_prefix, device)
+    return loaded_copy(skeleton, weights, device, dtype)
 
 
 def _module_name(state_key):
     return state_key[len("diffusion_model."):-len(".weight")]
 
 
-def unet_lora_targets(unet, model):
-    """{diffusers path: module}: attn1/attn2 to_q, to_k, to_v, to_out.0 of all 16 blocks."""
+def unet_lora_targets(unet, model, family):
+    """{diffusers path: module}: attn1/attn2 to_q, to_k, to_v, to_out.0 of every transformer block."""
     keys = unet_weight_keys(model)
     return {path: unet.get_submodule(_module_name(keys[path]))
-            for block in sd15.CROSS_ATTN_BLOCKS for path in sd15.unet_attention_layers(block)}
+            for block in family.cross_attn_layers for path in family.unet_attention_layers(block)}
 
 
-def text_lora_targets(transformer):
-    """{HF path: module}: q/k/v/out_proj of every text-encoder layer."""
-    paths = sd15.text_lora_layers(len(transformer.text_model.encoder.layers))
+def text_lora_targets(transformer, family, encoder):
+    """{HF path: module}: q/k/v/out_proj of every layer of one text encoder."""
+    paths = family.text_lora_layers(encoder, len(transformer.text_model.encoder.layers))
     return {path: transformer.get_submodule(path) for path in paths if ".self_attn." in path}
 
 
-def cross_attention_layers(unet, model):
-    """[(to_q, to_k, heads)] of the 16 attn2 modules in layer order."""
+def cross_attention_layers(unet, model, family):
+    """[(to_q, to_k, heads)] of every attn2 module in layer order."""
     keys = unet_weight_keys(model)
     layers = []
-    for block in sd15.CROSS_ATTN_BLOCKS:
-        to_q = _module_name(keys[f"{block}.transformer_blocks.0.attn2.to_q"])
+    for block in family.cross_attn_layers:
+        to_q = _module_name(keys[f"{block}.attn2.to_q"])
         attention = unet.get_submodule(to_q.rsplit(".", 1)[0])
         layers.append((attention.to_q, attention.to_k, attention.heads))
     return layers
@@ -140,36 +150,80 @@ def input_rows(chunk, token_table):
     return rows.index_put((torch.tensor(spliced, device=rows.device),), values)
 
 
-def text_encoder_forward(transformer, x):
-    """The host text model on input embeddings: causal encoder layers, then the final layer
-    norm (last_hidden_state, as SD1.5 and the original use)."""
+def end_position(chunk):
+    return next(i for i, (t, *_) in enumerate(chunk) if isinstance(t, int) and t == END_TOKEN)
+
+
+def text_encoder_forward(transformer, x, encoder, ends):
+    """(hidden states the UNet reads [N, T, W], pooled [N, W]) of the host text model on input
+    embeddings x: causal encoder layers; the last layer's output through the final layer norm
+    (SD1.5's and the original's), or the penultimate layer's as it is (SDXL); the pooled output
+    is the final-layer-normed row of the end token through text_projection."""
     length = x.shape[1]
     causal = torch.full((length, length), float("-inf"), dtype=x.dtype, device=x.device).triu_(1)
-    hidden = transformer.text_model.encoder(x, mask=causal)[0]
-    return transformer.text_model.final_layer_norm(hidden)
+    last, intermediate = transformer.text_model.encoder(x, mask=causal, intermediate_output=HIDDEN_LAYER[encoder.layer])
+    normed = transformer.text_model.final_layer_norm(last)
+    pooled = transformer.text_projection(normed[torch.arange(len(ends), device=x.device), ends])
+    return (normed if intermediate is None else intermediate), pooled
 
 
-def encode_captions(clip, transformer, prompts, tables, words):
-    """(contexts [B, 16, 77, D], positions [B, len(words)]): copy l of each prompt binds row l of
-    every concept word, as EDLoRA Text Encode binds it."""
-    embeddings = transformer.text_model.embeddings
-    rows, positions = [], []
+class TextConditioning(NamedTuple):
+    """What the text side hands the UNet: stack [B, L, T, D] (layer l reads stack[:, l]) and the
+    pooled output [B, W] of the family's last encoder (SDXL's ADM input)."""
+    stack: torch.Tensor
+    pooled: torch.Tensor
+
+
+def encode_captions(clip, family, texts, prompts, tables, words, layer_rows):
+    """(TextConditioning, positions [B, len(words)]): copy r of each prompt binds row r of every
+    concept word, as EDLoRA Text Encode binds it; layer l reads copy layer_rows[l]; the pooled
+    output is the copy of layer 0, as EDLoRA Text Encode's."""
+    rows = len(next(iter(tables.values())))
+    inputs, ends = {e.name: [] for e in family.encoders}, {e.name: [] for e in family.encoders}
+    positions = []
     for prompt in prompts:
-        copies, order = bound_copies(clip, prompt, range(LAYERS), tables)
-        chunks = [chunks[0] for chunks in copies]
-        rows.extend(input_rows(chunk, embeddings.token_embedding.weight) for chunk in chunks)
-        spliced = [i for i, (t, *_) in enumerate(chunks[0]) if not isinstance(t, int)]
+        copies, order = bound_token_copies(clip, prompt, range(rows), tables)
+        for encoder, transformer in zip(family.encoders, texts):
+            chunks = [copy[encoder.token_key][0] for copy in copies]
+            table = transformer.text_model.embeddings.token_embedding.weight
+            inputs[encoder.name].extend(input_rows(chunk, table) for chunk in chunks)
+            ends[encoder.name].extend(end_position(chunk) for chunk in chunks)
+        first = copies[0][family.encoders[0].token_key][0]
+        spliced = [i for i, (t, *_) in enumerate(first) if not isinstance(t, int)]
         positions.append([spliced[order.index(word)] for word in words])
-    x = torch.stack(rows) + embeddings.position_embedding.weight
-    hidden = text_encoder_forward(transformer, x)
-    return hidden.reshape(len(prompts), LAYERS, *hidden.shape[1:]), torch.tensor(positions)
+    hidden = []
+    for encoder, transformer in zip(family.encoders, texts):
+        x = torch.stack(inputs[encoder.name]) + transformer.text_model.embeddings.position_embedding.weight
+        states, pooled = text_encoder_forward(transformer, x, encoder, ends[encoder.name])
+        hidden.append(states)
+    stack = torch.cat(hidden, dim=-1).reshape(len(prompts), rows, *hidden[0].shape[1:-1], -1)
+    pooled = pooled.reshape(len(prompts), rows, -1)[:, layer_rows[0]]
+    return TextConditioning(stack[:, layer_rows], pooled), torch.tensor(positions)
 
 
-def unet_forward(unet, x, timesteps, contexts):
-    """The copy's prediction with layer l attending to contexts[:, l] (the inference attn2 patch)."""
+def default_sizes(x):
+    """Size conditioning of a square canvas the size of latents x: original = target, no crop."""
+    height, width = x.shape[2] * 8, x.shape[3] * 8
+    return torch.tensor([[height, width, 0, 0, height, width]] * x.shape[0], dtype=torch.float32)
+
+
+def adm_input(model, pooled, sizes):
+    """The host model's ADM vector per image (its own encode_adm; None for models without one)."""
+    vectors = [model.model.encode_adm(pooled_output=pooled[i:i + 1], height=h, width=w, crop_h=top, crop_w=left,
+                                      target_height=th, target_width=tw)
+               for i, (h, w, top, left, th, tw) in enumerate(sizes.tolist())]
+    return None if vectors[0] is None else torch.cat(vectors).to(pooled.device)
+
+
+def unet_forward(unet, model, family, x, timesteps, text, sizes=None):
+    """The copy's prediction with layer l attending to text.stack[:, l] (the inference attn2 patch)
+    and, on SDXL, the ADM vector of the pooled output and each image's size conditioning."""
     dtype = unet.input_blocks[0][0].weight.dtype
-    options = {"patches": {"attn2_patch": [select_layer_context]}, CONTEXT_KEY: contexts}
-    return unet(x.to(dtype), timesteps.float(), context=contexts[:, 0].to(dtype), transformer_options=options)
+    stack = text.stack
+    options = {"patches": {"attn2_patch": [SELECTORS[family.name]]}, CONTEXT_KEY: stack}
+    y = adm_input(model, text.pooled, default_sizes(x) if sizes is None else sizes)
+    return unet(x.to(dtype), timesteps.float(), context=stack[:, 0].to(dtype),
+                y=None if y is None else y.to(dtype), transformer_options=options)
 
 
 def vae_encoder(vae, model, device):
@@ -180,47 +234,66 @@ def vae_encoder(vae, model, device):
     return encode
 
 
-def noise_schedule(model):
+def noise_schedule(model, family):
     sampling = model.model.model_sampling
     if isinstance(sampling, comfy.model_sampling.EDM) or not isinstance(sampling, comfy.model_sampling.EPS):
         raise ValueError(f"model: {type(sampling).__name__} sampling is not supported; EDLoRA Train trains "
-                         f"SD1.5 models with a discrete ε or v schedule")
+                         f"{family.name} models with a discrete ε or v schedule")
     prediction = "v" if isinstance(sampling, comfy.model_sampling.V_PREDICTION) else "eps"
     return NoiseSchedule.from_sigmas(sampling.sigmas.detach().cpu(), prediction)
 
 
+def text_adapters(texts, family, rank, seed):
+    """{part: (targets, adapters)}, each {HF path: module / adapter}, per text encoder: "text" the
+    first (clip_l), "text_2" SDXL's clip_g; each part's initialisation is seeded by its name."""
+    adapters = {}
+    for part, encoder, transformer in zip(TEXT_PARTS, family.encoders, texts):
+        targets = text_lora_targets(transformer, family, encoder)
+        adapters[part] = (targets, make_adapters(targets, rank, seed=derived_seed(seed, "lora", part)))
+    return adapters
+
+
 @contextmanager
-def host_training(model, clip, vae, samples, config, tables, rank, gradient_checkpointing):
-    """An EDLoRATraining on private copies of the host's UNet and text encoder, with LoRA on
-    exactly the layers the original trains; all hooks are removed on exit."""
-    schedule = noise_schedule(model)
+def host_training(model, clip, vae, samples, config, tables, rank, gradient_checkpointing, granularity=None):
+    """An EDLoRATraining on private copies of the host's UNet and text encoders, with LoRA on
+    exactly the layers the original trains; all hooks are removed on exit. `tables` have the rows
+    of `granularity` (default: the family's)."""
+    family = require_family(model, clip, "EDLoRA Train")
+    layer_rows = family.layer_rows(granularity or family.default_granularity)
+    schedule = noise_schedule(model, family)
     device = comfy.model_management.get_torch_device()
     dtype = torch.float32 if config.mixed_precision == "no" else None
-    unet, text = unet_copy(model, device, dtype), text_encoder_copy(clip, device, dtype)
+    unet = unet_copy(model, device, dtype)
+    texts = [text_encoder_copy(clip, encoder, device, dtype) for encoder in family.encoders]
     with torch.inference_mode():  # the host's models stay inference tensors wherever offloading moves them
         comfy.model_management.unload_all_models()  # the copies are what trains; previews reload the originals
-    unet_targets, text_targets = unet_lora_targets(unet, model), text_lora_targets(text)
+    unet_targets = unet_lora_targets(unet, model, family)
     unet_adapters = make_adapters(unet_targets, rank, seed=derived_seed(config.seed, "lora", "unet"))
-    text_adapters = make_adapters(text_targets, rank, seed=derived_seed(config.seed, "lora", "text"))
-    probe = AttentionProbe(cross_attention_layers(unet, model)) if config.attn_reg_weight > 0 else None
+    text_parts = text_adapters(texts, family, rank, config.seed)
+    probe = AttentionProbe(cross_attention_layers(unet, model, family)) if config.attn_reg_weight > 0 else None
     callables = TrainingModel(
         encode_images=vae_encoder(vae, model, device),
-        encode_text=lambda prompts, t: encode_captions(clip, text, prompts, t, config.words),
-        predict=lambda x, timesteps, contexts: unet_forward(unet, x, timesteps, contexts),
+        encode_text=lambda prompts, t: encode_captions(clip, family, texts, prompts, t, config.words, layer_rows),
+        predict=lambda x, timesteps, text, sizes=None: unet_forward(unet, model, family, x, timesteps, text, sizes),
         schedule=schedule, probe=probe)
-    training = EDLoRATraining(config, samples, tables, text_adapters, unet_adapters, callables, device)
-    norms = [m for m in list(unet.modules()) + list(text.modules()) if isinstance(m, torch.nn.LayerNorm)]
+    second = text_parts["text_2"][1] if "text_2" in text_parts else None
+    training = HostTraining(family, granularity or family.default_granularity, config, samples, tables,
+                            text_parts["text"][1], unet_adapters, callables, device, text_adapters_2=second,
+                            norm_columns=family.encoders[0].width)
+    norms = [m for module in [unet, *texts] for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
     blocks = [m for m in unet.modules() if isinstance(m, (ResBlock, SpatialTransformer))]
     with ExitStack() as stack:
         stack.enter_context(compat.training_mode())
         stack.enter_context(attached(unet_targets, unet_adapters))
-        stack.enter_context(attached(text_targets, text_adapters))
+        for targets, adapters in text_parts.values():
+            stack.enter_context(attached(targets, adapters))
         if probe is not None:
             stack.enter_context(probe.attached())
         # host blocks add into x in place after a norm kept x for backward: norms get copies
         stack.enter_context(cloned_inputs(norms))
         if gradient_checkpointing:
-            stack.enter_context(checkpointed(blocks + list(text.text_model.encoder.layers)))
+            text_layers = [layer for text in texts for layer in text.text_model.encoder.layers]
+            stack.enter_context(checkpointed(blocks + text_layers))
         yield training
 
 
@@ -237,41 +310,54 @@ def check_names(output_name, placeholder, words):
         raise ValueError(f"placeholder {placeholder!r}: must be non-empty and differ from the concept words")
 
 
-def check_clip(clip):
-    layer = getattr(clip, "layer_idx", None)
-    if layer not in (None, -1):
-        raise ValueError(f"clip: CLIP skip ({layer}) is set; ED-LoRA trains and encodes with the last "
-                         f"layer like the original, so remove 'CLIP Set Last Layer' before EDLoRA Train")
+def check_pth_writable(family, output_name):
+    if family.name != BASE_FAMILY:
+        raise ValueError(f"also_save_pth: the original Mix-of-Show .pth layout exists for SD1.5 only; turn it "
+                         f"off for this {family.name} model (the .safetensors file is written as usual)")
+    check_pth_replaceable(output_path(output_name), os.path.splitext(output_path(output_name))[0] + ".pth")
 
 
-def check_captions_fit(clip, samples, config):
+def check_clip(clip, family):
+    """CLIP Set Last Layer only at the layer the family's UNet reads (SD1.5: -1, SDXL: -2)."""
+    layer, native = getattr(clip, "layer_idx", None), {"last": -1, "penultimate": -2}[family.encoders[0].layer]
+    if layer not in (None, native):
+        raise ValueError(f"clip: CLIP skip ({layer}) is set; ED-LoRA trains and encodes {family.name} with "
+                         f"layer {native} like the original, so remove 'CLIP Set Last Layer' before EDLoRA Train")
+
+
+def check_captions_fit(clip, family, samples, config):
     """Every caption, wrapped in the longest template, must fit one 77-token window."""
-    tables = {w: torch.zeros(LAYERS, sd15.TEXT_DIM) for w in config.words}
+    tables = {w: torch.zeros(1, family.context_dim) for w in config.words}
     template = longest_template(config.caption_template)
     for sample in samples:
         prompt = template.format(bind_placeholder(sample.caption, config.placeholder, config.words))
         try:
-            copies, _ = bound_copies(clip, prompt, [0], tables)
+            copies, _ = bound_token_copies(clip, prompt, [0], tables)
         except ValueError as e:
             raise ValueError(f"{sample.name}: caption: {e}") from e
-        if len(copies[0]) > 1:
+        if any(len(chunks) > 1 for chunks in copies[0].values()):
             raise ValueError(f"{sample.name}: caption is too long for the text encoder's 75 tokens once "
                              f"wrapped in a '{config.caption_template}' template; shorten it")
 
 
-def initial_tables(clip, words, initializers, seed):
-    token_table = clip.cond_stage_model.clip_l.transformer.get_input_embeddings().weight
+def initial_tables(clip, words, initializers, seed, granularity=None):
+    """{word: [rows, context width]}: the initializer's row (every encoder's token row side by
+    side) or a random vector in every row; rows of `granularity` (default: the family's)."""
+    family = require_family(clip=clip, what="EDLoRA Train")
+    token_tables = [getattr(clip.cond_stage_model, e.name).transformer.get_input_embeddings().weight
+                    for e in family.encoders]
 
     def word_row(word):
         token = single_token_id(clip, word)
         if token is None:
             raise ValueError(f"initializer {word!r}: not a single token of this CLIP's vocabulary; "
                              f"pick a common word such as man, woman, dog")
-        return token_table[token].detach().float().cpu().clone()
+        return torch.cat([table[token].detach().float().cpu() for table in token_tables])
 
     for spec in initializers:
         parse_initializer(spec)
-    return {w: initial_table(spec, LAYERS, sd15.TEXT_DIM, word_row, seed, w) for w, spec in zip(words, initializers)}
+    rows = family.num_rows(granularity or family.default_granularity)
+    return {w: initial_table(spec, rows, family.context_dim, word_row, seed, w) for w, spec in zip(words, initializers)}
 
 
 # ---- files ---------------------------------------------------------------------------
@@ -310,10 +396,21 @@ def resolve_resume(resume, output_name):
     return path
 
 
+class HostTraining(EDLoRATraining):
+    """EDLoRATraining on a host model of `family` (families.Family), its tables at `granularity`."""
+
+    def __init__(self, family, granularity, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.family, self.granularity = family, granularity
+
+
 def trained_edlora(training, name):
     def layers(part):
+        if part not in training.adapters:
+            return {}
         return {path: LoRALayer(down, up) for path, (down, up) in training.lora_weights(part).items()}
-    return EDLoRA(training.tables(), layers("unet"), layers("text"), name)
+    return EDLoRA(training.tables(), layers("unet"), layers("text"), name, family=training.family.name,
+                  granularity=training.granularity, text_encoder_2=layers("text_2"))
 
 
 def save_outputs(edlora, path, also_pth):
@@ -350,11 +447,19 @@ def preview_images(model, clip, vae, edlora, prompt, steps, resolution, seed):
     with torch.inference_mode():
         for alpha in PREVIEW_ALPHAS:
             patched_model, patched_clip = apply_edlora(model, clip, edlora, alpha, alpha)
-            positive, negative = encode_layerwise(patched_clip, prompt), encode_layerwise(patched_clip, "")
+            positive, negative = (sized(encode_layerwise(patched_clip, text), resolution) for text in (prompt, ""))
             samples = comfy.sample.sample(patched_model, noise, steps, PREVIEW_CFG, "euler", "normal", positive,
                                           negative, latent, seed=seed, disable_pbar=True)
             images.append(vae.decode(samples).float().cpu())
         return torch.cat(images)
+
+
+def sized(conditioning, resolution):
+    """The conditioning with the size conditioning CLIPTextEncodeSDXL gives a square canvas
+    (only size-conditioned models read it)."""
+    size = {"width": resolution, "height": resolution, "crop_w": 0, "crop_h": 0,
+            "target_width": resolution, "target_height": resolution}
+    return [[cond, {**options, **size}] for cond, options in conditioning]
 
 
 def curve_image(training, loss=None):
@@ -402,8 +507,8 @@ class EDLoRATrain:
             return (kind, {"default": default, "min": low, "max": high, "step": step, "tooltip": tip})
 
         return {"required": {
-            "model": ("MODEL", {"tooltip": "SD1.5 model to train on (weight patches such as LoRAs are included)."}),
-            "clip": ("CLIP", {"tooltip": "Its SD1.5 CLIP."}),
+            "model": ("MODEL", {"tooltip": "SD1.5 or SDXL model to train on (weight patches such as LoRAs are included)."}),
+            "clip": ("CLIP", {"tooltip": "Its CLIP (SDXL: clip_l and clip_g, both trained)."}),
             "vae": ("VAE", {"tooltip": "Its VAE; encodes the training images."}),
             "dataset_folder": ("STRING", {"default": "", "tooltip": "Folder of images with same-name .txt captions "
                                           "(first line) that contain the placeholder; an image without caption is "
@@ -415,14 +520,14 @@ class EDLoRATrain:
                                           "'adjective' word, attention kept inside the mask)."}),
             "concept_word_2": ("STRING", {"default": "<concept2>", "tooltip": "Second concept word (the class-anchored word)."}),
             "initializer_1": ("STRING", {"default": "<rand-0.013>", "tooltip": "<rand-σ> for a random start, or one "
-                                         "existing word whose embedding is copied to all 16 layer rows."}),
+                                         "existing word whose embedding is copied to every layer row."}),
             "initializer_2": ("STRING", {"default": "man", "tooltip": "Like initializer_1; the original uses the class "
                                          "word (man, woman, dog, ...)."}),
             "steps": number("INT", 0, 0, 1000000, 1, "Training steps; 0 counts them like the original: "
                             "images × repeats / batch size."),
             "repeats": number("INT", 500, 1, 100000, 1, "Dataset repeats when steps is 0 (original: 500, 250 for some)."),
             "batch_size": number("INT", 2, 1, 64, 1, "Images per step (original: 2 per GPU on 2 GPUs)."),
-            "resolution": number("INT", 512, 64, 2048, 64, "Square training canvas in pixels, a multiple of 64."),
+            "resolution": number("INT", 512, 64, 2048, 64, "Square training canvas in pixels, a multiple of 64 (the original: 512 on SD1.5; SDXL's native 1024)."),
             "lr_embedding": number("FLOAT", 1e-3, 0.0, 1.0, 1e-5, "Learning rate of the concept embeddings."),
             "lr_text_encoder": number("FLOAT", 1e-5, 0.0, 1.0, 1e-6, "Learning rate of the text-encoder LoRA."),
             "lr_unet": number("FLOAT", 1e-4, 0.0, 1.0, 1e-5, "Learning rate of the UNet LoRA."),
@@ -493,10 +598,10 @@ class EDLoRATrain:
         words = (concept_word_1.strip(), concept_word_2.strip())
         check_names(output_name, placeholder, words)
         folders = input_folder(dataset_folder, "dataset_folder"), input_folder(masks_folder, "masks_folder")
+        family = require_family(model, clip, "EDLoRA Train")
         if also_save_pth:
-            check_pth_replaceable(output_path(output_name), os.path.splitext(output_path(output_name))[0] + ".pth")
-        require_sd15(model, clip, "EDLoRA Train")
-        check_clip(clip)
+            check_pth_writable(family, output_name)
+        check_clip(clip, family)
         if resolution % 64:
             raise ValueError(f"resolution {resolution}: must be a multiple of 64")
         samples = load_dataset(folders[0], placeholder, resolution, folders[1] or None)
@@ -507,7 +612,7 @@ class EDLoRATrain:
             attn_reg_weight=attn_reg_weight, reg_full_identity=reg_full_identity,
             emb_norm_threshold=emb_norm_threshold, caption_template=caption_template,
             shuffle_caption=shuffle_caption, seed=seed, mixed_precision=PRECISIONS[precision])
-        check_captions_fit(clip, samples, config)
+        check_captions_fit(clip, family, samples, config)
         tables = initial_tables(clip, words, (initializer_1, initializer_2), seed)
         resume_path = resolve_resume(resume, output_name)
         run = TrainingRun(model, clip, vae, samples, config, output_name, also_save_pth)

@@ -25,6 +25,12 @@ class TrainingSample:
     image: Image.Image          # RGB
     caption: str                # still holds the placeholder
     mask: Image.Image = None    # L, same size as image, or None
+    original_size: tuple = None  # (height, width) as read, before the resize; None: image's size
+
+    @property
+    def size_before_resize(self):
+        """(height, width) of the image file: SDXL's original-size conditioning."""
+        return self.original_size or (self.image.size[1], self.image.size[0])
 
 
 def load_dataset(folder, placeholder, resolution, masks_folder=None):
@@ -104,4 +110,5 @@ def _load_sample(folder, name, placeholder, resolution, masks_folder):
             raise DatasetError(f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} but {name} is "
                                f"{image.size[0]}x{image.size[1]}; a mask must match its image")
         mask = resize_short_edge(mask, resolution)
-    return TrainingSample(name, resize_short_edge(image, resolution), caption, mask)
+    original_size = (image.size[1], image.size[0])
+    return TrainingSample(name, resize_short_edge(image, resolution), caption, mask, original_size)

@@ -1,4 +1,5 @@
-"""Layer-wise concept embeddings: one [16, 768] table per concept word (notes §1.2).
+"""Layer-wise concept embeddings: one [rows, context width] table per concept word (notes §1.2;
+SD1.5 [16, 768]; SDXL clip_l ‖ clip_g columns, one row per layer or per spatial transformer).
 
 An initialiser is `<rand-σ>` (one N(0, σ²) vector copied to every layer row, as on the
 original's main branch) or an existing single-token word such as `man`, whose embedding
@@ -38,6 +39,8 @@ def initial_table(spec, num_layers, dim, word_row, seed, concept_word):
     return row.expand(num_layers, dim).clone()
 
 
-def mean_row_norm(tables):
-    """Mean L2 norm over every layer row of every concept word (the emb-norm freeze test)."""
-    return torch.cat([t.detach().float() for t in tables.values()]).norm(dim=-1).mean().item()
+def mean_row_norm(tables, columns=None):
+    """Mean L2 norm over every layer row of every concept word (the emb-norm freeze test), of the
+    first `columns` columns of each row (None: whole rows)."""
+    rows = torch.cat([t.detach().float() for t in tables.values()])
+    return rows[:, :columns].norm(dim=-1).mean().item()

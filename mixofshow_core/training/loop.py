@@ -54,9 +54,12 @@ class TrainingModel:
     """The model as the loop sees it.
 
     encode_images(images [B, 3, R, R] in [0, 1]) -> latents in model space (no gradient needed)
-    encode_text(prompts, tables {word: [16, D]}) -> (contexts [B, 16, T, D], positions [B, n_words]:
-        the token index of each concept word in the prompt)
-    predict(noisy latents, timesteps [B], contexts) -> the model's ε (or v) prediction
+    encode_text(prompts, tables {word: [rows, D]}) -> (contexts, positions [B, n_words]: the token
+        index of each concept word in the prompt); contexts is whatever predict reads (SD1.5: the
+        [B, 16, T, D] per-layer stack)
+    predict(noisy latents, timesteps [B], contexts, sizes [B, 6]) -> the model's ε (or v) prediction;
+        sizes holds SDXL's size conditioning per image: original height, width, crop top, left,
+        target height, width
     probe: records cross-attention for the attention regulariser (None: no regulariser)"""
     encode_images: Callable
     encode_text: Callable
@@ -75,14 +78,23 @@ def derived_seed(*parts):
 
 
 class EDLoRATraining:
-    """Embeddings, LoRA adapters, AdamW (one param group each) and the linear schedule."""
+    """Embeddings, LoRA adapters, AdamW (one param group each: embeddings, text LoRA of every
+    encoder, UNet LoRA) and the linear schedule.
 
-    def __init__(self, config, samples, tables, text_adapters, unet_adapters, model, device="cpu"):
+    text_adapters_2: the second text encoder's adapters (SDXL's clip_g), or None.
+    norm_columns: the embedding columns the freeze threshold measures (SDXL: clip_l's 768, where
+    the original measures it); None: whole rows."""
+
+    def __init__(self, config, samples, tables, text_adapters, unet_adapters, model, device="cpu",
+                 text_adapters_2=None, norm_columns=None):
         self.config, self.samples, self.model = config, samples, model
         self.device = torch.device(device)
+        self.norm_columns = norm_columns
         self.embeddings = {w: torch.nn.Parameter(tables[w].detach().float().to(self.device).clone())
                            for w in config.words}
         self.adapters = {"text": text_adapters, "unet": unet_adapters}
+        if text_adapters_2 is not None:
+            self.adapters["text_2"] = text_adapters_2
         self.optimizer = torch.optim.AdamW(self._param_groups(), betas=(0.9, 0.999),
                                            weight_decay=config.weight_decay)
         total = config.total_steps
@@ -94,7 +106,7 @@ class EDLoRATraining:
     def _param_groups(self):
         lora = {part: [p for a in adapters.values() for p in (a.down, a.up)] for part, adapters in self.adapters.items()}
         return [{"params": list(self.embeddings.values()), "lr": self.config.lr_embedding},
-                {"params": lora["text"], "lr": self.config.lr_text_lora},
+                {"params": lora["text"] + lora.get("text_2", []), "lr": self.config.lr_text_lora},
                 {"params": lora["unet"], "lr": self.config.lr_unet_lora}]
 
     def _order(self, epoch):
@@ -116,19 +128,21 @@ class EDLoRATraining:
         return apply_template(text, c.caption_template, rng)
 
     def batch(self, step):
-        """(images [B, 3, R, R], concept masks [B, 1, r, r] or None, valid masks, prompts)."""
+        """(images [B, 3, R, R], concept masks [B, 1, r, r] or None, valid masks, prompts,
+        size conditioning [B, 6]: original height, width, crop top, left, target height, width)."""
         rng = random.Random(derived_seed(self.config.seed, "step", step))
-        images, concept, valid, prompts = [], [], [], []
+        resolution = self.config.resolution
+        images, concept, valid, prompts, sizes = [], [], [], [], []
         for index in self.batch_indices(step):
             sample = self.samples[index]
-            canvas, mask, valid_mask = place_on_canvas(sample.image, sample.mask, self.config.resolution, rng,
-                                                       self.config.crop_p)
-            images.append(image_tensor(canvas))
-            concept.append(to_latent_size(mask) if mask is not None else None)
-            valid.append(to_latent_size(valid_mask))
+            placed = place_on_canvas(sample.image, sample.mask, resolution, rng, self.config.crop_p)
+            images.append(image_tensor(placed.canvas))
+            concept.append(to_latent_size(placed.concept) if placed.concept is not None else None)
+            valid.append(to_latent_size(placed.valid))
             prompts.append(self.prompt(sample.caption, rng))
+            sizes.append([*sample.size_before_resize, *placed.crop_top_left, resolution, resolution])
         concept = torch.stack(concept) if all(m is not None for m in concept) else None
-        return torch.stack(images), concept, torch.stack(valid), prompts
+        return torch.stack(images), concept, torch.stack(valid), prompts, torch.tensor(sizes, dtype=torch.float32)
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES.get(self.config.mixed_precision)
@@ -137,7 +151,7 @@ class EDLoRATraining:
     def loss(self, step):
         """The training loss of step `step` (its batch, noise and timesteps), with gradients."""
         c, model = self.config, self.model
-        images, concept, valid, prompts = self.batch(step)
+        images, concept, valid, prompts, sizes = self.batch(step)
         generator = torch.Generator().manual_seed(derived_seed(c.seed, "noise", step))
         with torch.no_grad():
             latents = model.encode_images(images.to(self.device)).float()
@@ -149,7 +163,7 @@ class EDLoRATraining:
             if probe is not None:
                 probe.start()
             contexts, positions = model.encode_text(prompts, self.embeddings)
-            prediction = model.predict(model.schedule.add_noise(latents, noise, timesteps), timesteps, contexts)
+            prediction = model.predict(model.schedule.add_noise(latents, noise, timesteps), timesteps, contexts, sizes)
         # the segmentation mask when there is one, otherwise the image-valid mask (original train loop)
         mask = (concept if concept is not None else valid).to(self.device)
         loss_mask = mask if c.masked_loss else valid.to(self.device)
@@ -175,7 +189,7 @@ class EDLoRATraining:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.losses.append(loss.item())
-        norm = mean_row_norm(self.embeddings)
+        norm = mean_row_norm(self.embeddings, self.norm_columns)
         if not self.frozen and norm >= self.config.emb_norm_threshold:
             self.freeze_embeddings()
         return self.losses[-1], norm

@@ -7,7 +7,13 @@ R×R crop; the long edge is then resized to R (torchvision's resize(R-1, max_siz
 the result is pasted at a random offset into a black R×R canvas. The image-valid mask is 1
 on the pasted area. Masks reach latent size by bilinear interpolation: the original passes
 INTER_NEAREST to cv2.resize in the `dst` position, so its masks are bilinear and soft.
+
+SDXL's size conditioning reads the crop as the SDXL training scripts define it: the top-left
+corner (top, left) of the random crop in the short-edge-resized image, (0, 0) without a crop.
+The paste offset has no SDXL counterpart and is not encoded.
 """
+from typing import NamedTuple, Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -42,12 +48,18 @@ CAPTION_TEMPLATES = {
 }
 
 
-def place_on_canvas(image, mask, size, rng, crop_p=0.5):
-    """(canvas RGB image, concept mask [size, size] float or None, valid mask [size, size] float).
+class Placement(NamedTuple):
+    canvas: Image.Image             # RGB, size x size
+    concept: Optional[np.ndarray]   # concept mask [size, size] float, or None
+    valid: np.ndarray               # image-valid mask [size, size] float
+    crop_top_left: tuple            # (top, left) of the crop in the resized image
 
-    `image` (and `mask`) already have their short edge at `size`."""
+
+def place_on_canvas(image, mask, size, rng, crop_p=0.5):
+    """The Placement of one training image: `image` (and `mask`) already have their short edge at `size`."""
+    crop_top_left = (0, 0)
     if rng.random() < crop_p:
-        image, mask = _random_crop(image, mask, size, rng)
+        image, mask, crop_top_left = _random_crop(image, mask, size, rng)
     image = _fit_long_edge(image, size)
     mask = _fit_long_edge(mask, size) if mask is not None else None
     width, height = image.size
@@ -60,7 +72,7 @@ def place_on_canvas(image, mask, size, rng, crop_p=0.5):
     if mask is not None:
         concept = np.zeros((size, size), np.float32)
         concept[top:top + height, left:left + width] = np.asarray(mask, np.float32) / 255.0
-    return canvas, concept, valid
+    return Placement(canvas, concept, valid, crop_top_left)
 
 
 def _random_crop(image, mask, size, rng):
@@ -70,7 +82,7 @@ def _random_crop(image, mask, size, rng):
     else:
         top, left = rng.randint(0, height - size), rng.randint(0, width - size)
         box = (left, top, left + size, top + size)
-    return image.crop(box), mask.crop(box) if mask is not None else None
+    return image.crop(box), mask.crop(box) if mask is not None else None, (box[1], box[0])
 
 
 def _fit_long_edge(image, size):

@@ -85,7 +85,7 @@ def test_bad_datasets_name_the_file_and_the_problem(tmp_path, dataset, case, mes
 
 def test_square_image_without_crop_is_pasted_at_size_minus_one_into_a_black_canvas():
     image = Image.new("RGB", (64, 64), (200, 100, 50))
-    canvas, concept, valid = place_on_canvas(image, None, 64, random.Random(0), crop_p=0.0)
+    canvas, concept, valid = place_on_canvas(image, None, 64, random.Random(0), crop_p=0.0)[:3]
     pixels = np.asarray(canvas)
     assert concept is None and valid.sum() == 63 * 63
     assert (pixels[valid == 1] == (200, 100, 50)).all() and (pixels[valid == 0] == 0).all()
@@ -95,7 +95,7 @@ def test_portrait_crop_keeps_the_top_rows():
     rows = np.repeat(np.arange(128, dtype=np.uint8)[:, None], 64, axis=1) * 2  # brightness = 2 * row
     image = Image.fromarray(np.stack([rows] * 3, -1))
     for seed in range(5):
-        canvas, _, valid = place_on_canvas(image, None, 64, random.Random(seed), crop_p=1.0)
+        canvas, _, valid = place_on_canvas(image, None, 64, random.Random(seed), crop_p=1.0)[:3]
         top = np.argmax(valid.any(axis=1))
         height, width = valid.any(axis=1).sum(), valid.any(axis=0).sum()
         assert width <= height == 64
@@ -104,7 +104,7 @@ def test_portrait_crop_keeps_the_top_rows():
 
 def test_landscape_crop_is_a_square_of_the_short_edge():
     image = Image.new("RGB", (96, 64), (255, 255, 255))
-    _, _, valid = place_on_canvas(image, None, 64, random.Random(1), crop_p=1.0)
+    _, _, valid = place_on_canvas(image, None, 64, random.Random(1), crop_p=1.0)[:3]
     assert valid.sum() == 63 * 63
 
 
@@ -112,7 +112,7 @@ def test_long_edge_is_resized_to_the_canvas_and_offsets_vary():
     image = Image.new("RGB", (64, 96))
     offsets = set()
     for seed in range(8):
-        _, _, valid = place_on_canvas(image, None, 64, random.Random(seed), crop_p=0.0)
+        _, _, valid = place_on_canvas(image, None, 64, random.Random(seed), crop_p=0.0)[:3]
         assert valid.any(axis=1).sum() == 64 and valid.any(axis=0).sum() == 42
         offsets.add(int(np.argmax(valid.any(axis=0))))
     assert len(offsets) > 1
@@ -123,7 +123,7 @@ def test_concept_mask_moves_with_the_image():
     pixels[10:40, 20:50] = 255
     image, mask = Image.fromarray(np.stack([pixels] * 3, -1)), Image.fromarray(pixels, "L")
     for seed in range(4):
-        canvas, concept, _ = place_on_canvas(image, mask, 64, random.Random(seed), crop_p=0.5)
+        canvas, concept, _ = place_on_canvas(image, mask, 64, random.Random(seed), crop_p=0.5)[:3]
         assert np.allclose(np.asarray(canvas, np.float32)[..., 0] / 255.0, concept, atol=1e-6)
 
 

@@ -65,7 +65,7 @@ class ToyUNet(torch.nn.Module):
         self.layers = torch.nn.ModuleList(ToyAttention() for _ in range(LAYERS))
         self.time = torch.nn.Linear(1, 4)
 
-    def forward(self, x, timesteps, contexts):
+    def forward(self, x, timesteps, contexts, sizes):
         h = x.flatten(2).transpose(1, 2) + self.time(timesteps.float()[:, None, None] / 1000)
         for index, layer in enumerate(self.layers):
             h = h + layer(h, contexts[:, index])
@@ -246,7 +246,7 @@ def test_masked_loss_uses_the_concept_masks():
     for masked in (False, True):
         with Toy(total_steps=1, masked_loss=masked, attn_reg_weight=0.0,
                  samples=toy_samples(with_masks=True)) as training:
-            images, concept, valid, _ = training.batch(0)
+            images, concept, valid, *_ = training.batch(0)
             assert concept is not None and concept.shape == valid.shape == (2, 1, 4, 4)
             with torch.no_grad():
                 losses[masked] = training.loss(0).item()

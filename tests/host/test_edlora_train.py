@@ -207,7 +207,7 @@ def test_training_encodes_and_predicts_like_the_loaded_edlora_at_inference(host_
                 eps = training.model.predict(x * c_in(sigma), timestep, contexts)
     assert positions.tolist() == [[4, 5]]  # after the start token and "a photo of"
     # the host keeps this CLIP in fp16, so its merged W + ΔW is rounded to fp16; training adds ΔW in fp32
-    error, lora_effect = (contexts - stack).abs().max(), (stack - without_lora).abs().max()
+    error, lora_effect = (contexts.stack - stack).abs().max(), (stack - without_lora).abs().max()
     assert error < 5e-3 and lora_effect > 20 * error
     assert not torch.allclose(stack[:, 0], stack[:, 15], atol=1e-3), "layers must differ for this test"
     assert torch.allclose(denoised, x - sigma * eps, atol=2e-3)
@@ -314,7 +314,7 @@ def test_training_runs_on_the_users_patched_weights_and_leaves_model_and_clip_un
         comfy.model_management.unload_all_models()
         after = weights(model), weights(clip.patcher)
     (patched_contexts, patched_denoised), (plain_contexts, plain_denoised) = host["patched"], host["plain"]
-    assert torch.equal(contexts, patched_contexts)
+    assert torch.equal(contexts.stack, patched_contexts)
     assert (plain_contexts - patched_contexts).abs().max() > 0.1
     error, effect = (patched_denoised - (x - sigma * eps)).abs().max(), (plain_denoised - patched_denoised).abs().max()
     assert error < 1e-5 and effect > 100 * error  # measured 1.2e-7 and 6.6e-3
