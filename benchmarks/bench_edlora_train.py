@@ -98,11 +98,12 @@ def _proc_status(field):
     return 0
 
 
-def measure(model, clip, vae, samples, resolution, checkpointing, steps):
-    config = TrainingConfig(total_steps=steps + 1, words=WORDS, batch_size=1, resolution=resolution, seed=0)
+def measure(model, clip, vae, samples, resolution, checkpointing, steps, precision="no", granularity=None):
+    config = TrainingConfig(total_steps=steps + 1, words=WORDS, batch_size=1, resolution=resolution, seed=0,
+                            mixed_precision=precision)
     with torch.inference_mode(False), torch.enable_grad():
-        tables = initial_tables(clip, WORDS, ("<rand-0.013>", "man"), 0)
-        with host_training(model, clip, vae, samples, config, tables, 4, checkpointing) as training:
+        tables = initial_tables(clip, WORDS, ("<rand-0.013>", "man"), 0, granularity)
+        with host_training(model, clip, vae, samples, config, tables, 4, checkpointing, granularity) as training:
             base, peak_known = memory_now(), reset_peak()
             training.train_step()  # warm-up, inside the peak: later steps reuse its allocations
             wall, cpu = [], []

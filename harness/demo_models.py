@@ -11,6 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = ROOT / ".host" / "run"
 DEMO_CHECKPOINT = "mixofshow_demo_sd15.safetensors"
+DEMO_SDXL_CHECKPOINT = "mixofshow_tiny_sdxl.safetensors"  # sdxl_models.write_sdxl_checkpoint, the SDXL workflows' default
 # Random stand-ins for the ED-LoRAs the demo trains, under the names the demo gives them (the shipped
 # workflows default to those), kept apart from the demo's own files in run_dir/fixtures/edlora.
 FIXTURE_EDLORA_DIR = Path("fixtures") / "edlora"
@@ -40,6 +41,24 @@ def ensure_demo_checkpoint(run_dir=RUN_DIR, log=print):
     os.replace(tmp, checkpoint)
     (Path(run_dir) / FIXTURE_EDLORA_DIR / DEMO_EDLORA).unlink(missing_ok=True)  # shaped for the old file
     log(f"  done in {time.perf_counter() - start:.1f} s")
+    return checkpoint
+
+
+def ensure_sdxl_checkpoint(run_dir=RUN_DIR, log=print):
+    """Generates (if missing) the random checkpoint the host detects as SDXL in run_dir/models; returns its path."""
+    checkpoint = Path(run_dir) / "models" / "checkpoints" / DEMO_SDXL_CHECKPOINT
+    if checkpoint.is_file():
+        return checkpoint
+    from . import host
+    host.add_host_to_path(cpu=True)
+    import torch
+    from . import sdxl_models
+    log(f"Generating the random SDXL checkpoint {checkpoint} (about 1.9 GB: full-size clip_l and clip_g) ...")
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    tmp = checkpoint.with_name("." + checkpoint.name + ".partial")
+    with torch.inference_mode():
+        sdxl_models.write_sdxl_checkpoint(str(tmp), seed=DEMO_SEED)
+    os.replace(tmp, checkpoint)
     return checkpoint
 
 

@@ -228,6 +228,11 @@ class EDLoRATraining:
 
     def restore(self, tensors, info, dataset_names=(), source="training state"):
         _check_compatible(info, self.config.fingerprint(), list(dataset_names), source)
+        for word, table in self.embeddings.items():
+            saved = tensors[f"embedding.{word}"]
+            if saved.shape != table.shape:
+                raise TrainingStateError(f"{source}: {word} has {list(saved.shape)} embedding rows, this training "
+                                         f"{list(table.shape)}; resume with the model and granularity it was saved with")
         with torch.no_grad():
             for word, table in self.embeddings.items():
                 table.copy_(tensors[f"embedding.{word}"])

@@ -23,7 +23,7 @@ WIDGET_TYPES = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": boo
 
 def demo_files():
     """{models subfolder: names} of what scripts/demo.sh leaves in the model folders."""
-    return {"checkpoints": [demo_models.DEMO_CHECKPOINT],
+    return {"checkpoints": [demo_models.DEMO_CHECKPOINT, demo_models.DEMO_SDXL_CHECKPOINT],
             "edlora": [demo_models.demo_edlora_name(animal) for animal, _ in demo.DEMO_TRAINING],
             "controlnet": [demo_models.DEMO_CONTROLNET, ADAPTER],
             "loras": [name for name, _, _ in DEMO_LORAS]}
