@@ -165,8 +165,8 @@ def test_one_step_loss_and_gradients_match_a_plain_torch_reference(host_models, 
     samples = load_dataset(dataset[0], "<TOK>", 64, dataset[1])
     settings = config(crop_p=0.0, attn_reg_weight=0.0)
     with torch.inference_mode(False), torch.enable_grad():
-        tables = initial_tables(clip, WORDS, ("<rand-0.013>", "man"), 0)
-        with host_training(model, clip, vae, samples, settings, tables, 4, False) as training:
+        tables = initial_tables(clip, WORDS, ("<rand-0.013>", "man"), 0, "block")  # the node test trains "transformer"
+        with host_training(model, clip, vae, samples, settings, tables, 4, False, "block") as training:
             adapters = [a for part in ("text", "text_2", "unet") for a in training.adapters[part].values()]
             with torch.no_grad():
                 generator = torch.Generator().manual_seed(1)
