@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from comfyui_mixofshow.harness import models, sdxl_models
+from comfyui_mixofshow.harness import models, sdxl_models, workflows
 from comfyui_mixofshow.mixofshow_core.edlora_format import load_edlora
 from comfyui_mixofshow.mixofshow_core.families import SDXL
 from comfyui_mixofshow.mixofshow_core.training import loop
@@ -26,6 +26,7 @@ from comfyui_mixofshow.nodes.model_keys import unet_weight_keys
 
 from . import reference, sdxl_reference
 from .interrupts import server_progress_hook
+from .server_runs import assert_ui_matches_api, prepared_server, running, workflow_pair
 from .test_edlora_train import WORDS, input_folder, node_inputs, places, write_dataset  # noqa: F401 (fixtures)
 
 LAST_CLIP_L_LAYER = "text_model.encoder.layers.2."  # the tiny clip_l has 3 layers
@@ -266,3 +267,14 @@ def test_original_pth_layout_is_refused_for_sdxl_before_any_step(host_models, da
     monkeypatch.setattr(loop.EDLoRATraining, "train_step", lambda self: pytest.fail("a training step ran"))
     with torch.inference_mode(), pytest.raises(ValueError, match="also_save_pth: .* SD1.5 only"):
         EDLoRATrain().train(model, clip, vae, **sdxl_inputs(*dataset, also_save_pth=True))
+
+
+def test_sdxl_train_ui_workflow_sends_its_api_workflow_on_a_real_server(tmp_path):
+    """The SDXL workflows' settings (1024 px, batch 1, checkpointing, bf16, transformer rows) as the
+    server's /object_info types them, the UI file sending exactly the API file."""
+    ui, api = workflow_pair("sdxl_edlora_train")
+    train = api[workflows.only_node(api, "MixOfShowEDLoRATrain")]["inputs"]
+    assert (train["resolution"], train["batch_size"], train["gradient_checkpointing"], train["precision"],
+            train["granularity"]) == (1024, 1, True, "bf16 autocast", "transformer")
+    with running(prepared_server(tmp_path, [])) as client:
+        assert_ui_matches_api(ui, api, client.object_info())
