@@ -15,6 +15,7 @@ import folder_paths
 import torch
 
 from ..mixofshow_core import sd15
+from ..mixofshow_core.families import SD15
 from ..mixofshow_core.edlora_format import load_edlora
 from ..mixofshow_core.kohya_export import (embedding_state, fit_single_vectors, kohya_lora_state, kohya_metadata,
                                            max_evaluations, mean_rows)
@@ -23,7 +24,7 @@ from ..mixofshow_core.training.hooks import cloned_inputs
 from . import compat
 from .edlora_loader import lora_patches
 from .edlora_text_encode import bound_copies
-from .edlora_train import encode_captions, input_rows, text_encoder_copy, text_encoder_forward
+from .edlora_train import encode_captions, end_position, input_rows, text_encoder_copy, text_encoder_forward
 from .fusion_capture import fusion_prompts
 from .model_keys import clip_weight_keys, require_sd15, weight_shapes
 from .paths import EDLORA_FOLDER, WrittenFiles, check_output_name, file_fingerprint
@@ -79,18 +80,20 @@ def single_vector_encoder(clip, transformer, prompts, words):
     embeddings = transformer.text_model.embeddings
     token_table, positions = embeddings.token_embedding.weight, embeddings.position_embedding.weight
     stand_ins = {w: torch.zeros(sd15.NUM_CROSS_ATTN_LAYERS, token_table.shape[1]) for w in words}
-    rows, places = [], []
+    rows, ends, places = [], [], []
     for index, prompt in enumerate(prompts):
         copies, order = bound_copies(clip, prompt, [0], stand_ins)
         chunk = copies[0][0]
         rows.append(input_rows(chunk, token_table))
+        ends.append(end_position(chunk))
         spliced = [i for i, (t, *_) in enumerate(chunk) if not isinstance(t, int)]
         places += [(index, token, words.index(word)) for token, word in zip(spliced, order)]
     base = torch.stack(rows) + positions
     batch, token, word = (torch.tensor(column, device=base.device) for column in zip(*places))
 
     def encode(vectors):
-        return text_encoder_forward(transformer, base.index_put((batch, token), vectors[word] + positions[token]))
+        x = base.index_put((batch, token), vectors[word] + positions[token])
+        return text_encoder_forward(transformer, x, SD15.encoders[0], ends)[0]
     return encode
 
 
@@ -108,13 +111,15 @@ def fitted_vectors(clip, edlora, text_encoder_alpha, steps):
     progress.at(f"fitting {len(edlora.words)} embeddings")
     words, prompts = edlora.words, fusion_prompts(edlora.words)
     with torch.inference_mode(False), torch.enable_grad():
-        transformer = text_encoder_copy(patched, device, torch.float32)
+        transformer = text_encoder_copy(patched, SD15.encoders[0], device, torch.float32)
         norms = [m for m in transformer.modules() if isinstance(m, torch.nn.LayerNorm)]
         # host layers add into x in place after a norm kept x for backward: norms get copies
         with compat.training_mode(), cloned_inputs(norms):
             with torch.no_grad():
                 tables = {w: t.to(device, torch.float32) for w, t in edlora.embeddings.items()}
-                layer_encodings, _ = encode_captions(patched, transformer, prompts, tables, words)
+                conditioning, _ = encode_captions(patched, SD15, [transformer], prompts, tables, words,
+                                                  SD15.layer_rows("block"))
+                layer_encodings = conditioning.stack
             encode = single_vector_encoder(patched, transformer, prompts, words)
             initial = torch.stack([mean_rows(edlora.embeddings[w]) for w in words]).to(device)
             return fit_single_vectors(encode, layer_encodings, initial, steps, lambda _: progress.step())
