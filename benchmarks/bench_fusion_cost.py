@@ -18,7 +18,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import threading
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -32,7 +31,7 @@ import comfy.sample  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 
-from bench_fusion import GramLBFGS  # noqa: E402
+from bench_fusion import GramLBFGS, PeakRSS  # noqa: E402
 from comfyui_mixofshow.harness import models  # noqa: E402
 from comfyui_mixofshow.harness.fusion_checks import seeded_concepts  # noqa: E402
 from comfyui_mixofshow.mixofshow_core import sd15  # noqa: E402
@@ -45,23 +44,6 @@ from comfyui_mixofshow.nodes.model_keys import clip_weight_keys, unet_weight_key
 FULL_UNET = dict(models.TINY_UNET, model_channels=320)
 FULL_CLIP_LAYERS = 12
 GIB = 2 ** 30
-
-
-class PeakRSS:
-    def __enter__(self):
-        self.process, self.stop = psutil.Process(), threading.Event()
-        self.peak = self.process.memory_info().rss
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while not self.stop.wait(0.002):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join()
 
 
 class Clock:

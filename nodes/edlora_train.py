@@ -57,7 +57,7 @@ from .edlora_text_encode import bound_token_copies, encode_layerwise, single_tok
 from .layerwise import CONTEXT_KEY, SELECTORS
 from .model_keys import require_family, unet_weight_keys
 from .paths import (EDLORA_FOLDER, STATE_FOLDER, WrittenFiles, check_output_name, input_folder, inside,
-                    training_state_root)
+                    training_state_root, validate_output_name)
 
 PREVIEW_ALPHAS = (0.0, 0.7, 1.0)
 PREVIEW_CFG = 7.5
@@ -576,12 +576,7 @@ class EDLoRATrain:
 
     @classmethod
     def VALIDATE_INPUTS(cls, output_name=None):
-        try:
-            if output_name is not None:  # None: linked, checked when the node runs
-                check_output_name(output_name, "output_name")
-        except ValueError as e:
-            return str(e)
-        return True
+        return validate_output_name(output_name)
 
     @classmethod
     def IS_CHANGED(cls, dataset_folder="", masks_folder="", resume="", output_name="", **kwargs):

@@ -27,7 +27,7 @@ from .edlora_text_encode import bound_copies
 from .edlora_train import encode_captions, end_position, input_rows, text_encoder_copy, text_encoder_forward
 from .fusion_capture import fusion_prompts
 from .model_keys import clip_weight_keys, require_sd15, weight_shapes
-from .paths import EDLORA_FOLDER, WrittenFiles, check_output_name, file_fingerprint
+from .paths import EDLORA_FOLDER, WrittenFiles, check_output_name, file_fingerprint, validate_output_name
 from .progress import Progress
 
 LORA_DTYPES = {"same as file": None, "float32": torch.float32, "float16": torch.float16,
@@ -210,12 +210,7 @@ class ExportEDLoRA:
 
     @classmethod
     def VALIDATE_INPUTS(cls, output_name=None):
-        try:
-            if output_name is not None:  # None: linked, checked when the node runs
-                check_output_name(output_name, "output_name")
-        except ValueError as e:
-            return str(e)
-        return True
+        return validate_output_name(output_name)
 
     @classmethod
     def IS_CHANGED(cls, edlora_name, output_name="", **kwargs):

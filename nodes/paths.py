@@ -78,6 +78,17 @@ def check_output_name(value, input_name, subfolders=False):
                              f"spaces or line breaks, and no part may start with '.'")
 
 
+def validate_output_name(output_name):
+    """VALIDATE_INPUTS answer for a node's output_name: True, or the error text (None: linked, checked at run)."""
+    if output_name is None:
+        return True
+    try:
+        check_output_name(output_name, "output_name")
+    except ValueError as e:
+        return str(e)
+    return True
+
+
 def file_fingerprint(path):
     """Changes when the file changes: size, mtime and a hash of its first MiB."""
     if path is None or not os.path.isfile(path):
